@@ -1,0 +1,169 @@
+"""``python -m broker``: flags -> BrokerConfig -> run().
+
+The batch flags are shared with launch.py, which validates them with the
+same code and hands them on to the broker it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from loguru import logger
+
+from broker import config as common
+from broker.inputs import BatchFileError
+from broker.server import BrokerConfig, run
+from broker.settings import FORMATS, QUALITY_FORMATS, Settings, SettingsError, parse_resize
+
+
+class UsageError(ValueError):
+    """Bad command-line usage; the message is one line for the user."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Errors as a single line (no usage dump), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files or folders (recursive)")
+    p.add_argument("-o", "--output", metavar="DIR", help="output folder (default: ./out)")
+    p.add_argument("--jobs", metavar="FILE.jsonl", help="a batch file: one JSON job per line")
+    p.add_argument("--format", choices=FORMATS, default="original", help="output format")
+    p.add_argument("--quality", type=int, default=90, metavar="Q", help="quality 1-100; 100 = lossless")
+    for fmt in QUALITY_FORMATS:
+        p.add_argument(f"--quality-{fmt}", type=int, metavar="Q", help=f"quality for {fmt} output")
+    p.add_argument("--resize", default="none", metavar="MODE:SIZE",
+                   help="none | width:N | height:N | longest:N | shortest:N (never enlarges)")
+    p.add_argument("--report-json", metavar="FILE", help="write the final report as JSON")
+    p.add_argument("--results-jsonl", metavar="FILE", help="write one JSON line per job")
+    p.add_argument("--log-dir", default="logs", metavar="DIR", help="JSON-lines logs (default: ./logs)")
+    p.add_argument("--log-level", default="INFO", help="stderr log level (default: INFO)")
+    p.add_argument("--max-pixels", type=int, default=BrokerConfig.max_pixels,
+                   help="reject images declaring more pixels (default: %(default)s)")
+    p.add_argument("--skip-existing", action="store_true", help="skip jobs whose output exists")
+    p.add_argument("--max-attempts", type=int, default=BrokerConfig.max_attempts,
+                   help="tries for a job whose worker dies or hangs (default: %(default)s)")
+    p.add_argument("--job-timeout", type=float, default=BrokerConfig.job_timeout_s, metavar="S",
+                   help="seconds one image may take (default: %(default)s)")
+
+
+def add_broker_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs-endpoint", default=common.DEFAULT_JOBS, help="ROUTER: jobs to sidecars")
+    p.add_argument("--results-endpoint", default=common.DEFAULT_RESULTS, help="PULL: completions")
+    p.add_argument("--metrics-endpoint", default=common.DEFAULT_METRICS, help="PUB: progress, metrics")
+    p.add_argument("--min-workers", type=int, default=1,
+                   help="wait for this many workers before dispatching (default: 1)")
+    p.add_argument("--ready-wait", type=float, default=BrokerConfig.ready_wait_s, metavar="S",
+                   help="...but no longer than this after the first one (default: %(default)s)")
+    p.add_argument("--heartbeat-timeout", type=float, default=BrokerConfig.heartbeat_timeout_s, metavar="S")
+    p.add_argument("--no-worker-timeout", type=float, default=BrokerConfig.no_worker_timeout_s, metavar="S",
+                   help="abort the batch when no worker has been alive this long (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=BrokerConfig.grace_s, metavar="S",
+                   help="on SIGINT/SIGTERM, wait this long for jobs in flight (default: %(default)s)")
+    p.add_argument("--linger", type=float, default=BrokerConfig.linger_s, metavar="S",
+                   help="keep publishing the final report this long (default: %(default)s)")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+
+
+def settings_from_args(args) -> Settings:
+    try:
+        return Settings(
+            format=args.format,
+            quality=args.quality,
+            **{f"quality_{fmt}": getattr(args, f"quality_{fmt}") for fmt in QUALITY_FORMATS},
+            **parse_resize(args.resize),
+        )
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def batch_config_from_args(args) -> dict:
+    """The BrokerConfig fields that launch.py and the broker share."""
+    settings = settings_from_args(args)
+    for path in args.inputs:
+        if not os.path.exists(path):
+            raise UsageError(f"input not found: {path}")
+    if args.jobs and not os.path.isfile(args.jobs):
+        raise UsageError(f"batch file not found: {args.jobs}")
+    if not args.inputs and not args.jobs:
+        raise UsageError("nothing to do: give INPUT files/folders or --jobs FILE")
+    if args.max_pixels < 1 or args.max_attempts < 1 or args.job_timeout <= 0:
+        raise UsageError("--max-pixels, --max-attempts and --job-timeout must be positive")
+    return dict(
+        inputs=tuple(args.inputs),
+        jobs_file=args.jobs,
+        output_dir=args.output or "out",
+        output_dir_given=args.output is not None,
+        settings=settings,
+        report_json=args.report_json,
+        results_jsonl=args.results_jsonl,
+        max_pixels=args.max_pixels,
+        skip_existing=args.skip_existing,
+        max_attempts=args.max_attempts,
+        job_timeout_s=args.job_timeout,
+    )
+
+
+def config_from_args(args) -> BrokerConfig:
+    return BrokerConfig(
+        **batch_config_from_args(args),
+        jobs_endpoint=args.jobs_endpoint,
+        results_endpoint=args.results_endpoint,
+        metrics_endpoint=args.metrics_endpoint,
+        min_workers=args.min_workers,
+        ready_wait_s=args.ready_wait,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        no_worker_timeout_s=args.no_worker_timeout,
+        grace_s=args.grace,
+        linger_s=args.linger,
+    )
+
+
+def batch_argv(args) -> list[str]:
+    """The batch flags of ``args`` again, as a command line for ``python -m broker``."""
+    argv = list(args.inputs)
+    for name in ("output", "jobs", "format", "quality", *(f"quality_{f}" for f in QUALITY_FORMATS),
+                 "resize", "report_json", "results_jsonl", "log_dir", "log_level", "max_pixels",
+                 "max_attempts", "job_timeout"):
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    if args.skip_existing:
+        argv.append("--skip-existing")
+    return argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m broker",
+                      description="imgbus broker: ventilator + sink for one batch of images")
+    add_batch_arguments(p)
+    add_broker_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except UsageError as exc:
+        parser.error(str(exc))
+    common.setup_logging("broker", args.log_dir, args.log_level)
+    stop = common.StopFlag(args.parent_pid).install()
+    try:
+        return run(config, stop)
+    except BatchFileError as exc:
+        logger.error(str(exc))
+        return 2
+    except Exception:
+        logger.exception("broker failed")
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""What every imgbus process shares: default endpoints, logging, stop flags.
+
+Endpoints (the broker binds, sidecars and reporters connect):
+  jobs     tcp://127.0.0.1:5557   ROUTER  ventilator hands out jobs on request
+  results  tcp://127.0.0.1:5558   PULL    sink collects completions, heartbeats
+  metrics  tcp://127.0.0.1:5559   PUB     sink publishes progress and snapshots
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import zmq
+from loguru import logger
+
+from broker import wire
+
+DEFAULT_HOST = "127.0.0.1"
+JOBS_PORT, RESULTS_PORT, METRICS_PORT = 5557, 5558, 5559
+DEFAULT_JOBS = f"tcp://{DEFAULT_HOST}:{JOBS_PORT}"
+DEFAULT_RESULTS = f"tcp://{DEFAULT_HOST}:{RESULTS_PORT}"
+DEFAULT_METRICS = f"tcp://{DEFAULT_HOST}:{METRICS_PORT}"
+
+# Linger: job and result sockets get a short grace to flush, PUB none.
+LINGER_MS = 1000
+
+STDERR_FORMAT = (
+    "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+    "<cyan>{extra[component]}</cyan> {message}"
+)
+
+
+def worker_id() -> str:
+    """Unique across hosts and restarts: host name and process id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def setup_logging(component: str, log_dir: str | None, level: str = "INFO", **context) -> None:
+    """Readable lines on stderr and one JSON-lines file per process for tailing."""
+    logger.remove()
+    logger.configure(extra={"component": component, "worker_id": None, "job_id": None, **context})
+    logger.add(sys.stderr, level=level, format=STDERR_FORMAT, diagnose=False, backtrace=False)
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        path = os.path.join(log_dir, f"{component}-{os.getpid()}.jsonl")
+        # buffering=1: each line reaches the file at once, so `tail -f` follows it.
+        logger.add(path, level="DEBUG", serialize=True, buffering=1, diagnose=False)
+
+
+def derive_endpoint(endpoint: str, port_offset: int) -> str:
+    """The endpoint next to ``endpoint``: tcp port + offset, or a sibling ipc path."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        return f"tcp://{host}:{int(port) + port_offset}"
+    if endpoint.startswith("ipc://"):
+        return f"{endpoint}.{port_offset}"
+    raise ValueError(f"cannot derive an endpoint from {endpoint!r}")
+
+
+def make_socket(ctx: zmq.Context, kind: int, *, linger: int = LINGER_MS, receives: bool = True):
+    sock = ctx.socket(kind)
+    sock.linger = linger
+    if receives:
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+    return sock
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; loops poll with a timeout and check it.
+
+    ``count`` tells a second signal from the first: the first asks for a
+    graceful stop, a later one cuts the remaining wait short.
+    """
+
+    def __init__(self, parent_pid: int | None = None):
+        self._event = threading.Event()
+        self.signal_name: str | None = None
+        self.count = 0
+        self.parent_pid = parent_pid
+
+    def set(self, name: str = "stop") -> None:
+        self.signal_name = self.signal_name or name
+        self.count += 1
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def wait_for_more(self, seen: int, timeout: float) -> None:
+        """Sleep up to ``timeout`` unless a signal beyond the ``seen``-th arrives."""
+        deadline = time.monotonic() + timeout
+        while self.count == seen and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+
+    def install(self) -> StopFlag:
+        def handler(signum, _frame):
+            self.set(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def parent_gone(self) -> bool:
+        """True once the launcher that started us has died (we were re-parented)."""
+        return self.parent_pid is not None and os.getppid() != self.parent_pid

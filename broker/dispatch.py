@@ -1,0 +1,185 @@
+"""Who gets which job: credits, leases, redelivery. Pure state; no sockets.
+
+Each sidecar announces a credit (how many jobs it may hold). A job goes only
+to a live worker with free credit, the one with the most free credit first,
+so no worker hoards queued jobs while another idles, and a worker that joins
+mid-batch is served at once. Every job handed out is a lease held by that
+worker until its completion arrives. When a worker is lost (it said bye,
+its heartbeats stopped, or its address vanished), its leases go back to the
+front of the queue; the job it was busy with gets a strike, and a job with
+``max_attempts`` strikes fails instead of killing more workers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from broker.wire import Job
+
+QUEUED, LEASED, DONE, FAILED = "queued", "leased", "done", "failed"
+TERMINAL = frozenset({DONE, FAILED})
+
+
+@dataclass
+class JobState:
+    job: Job
+    status: str = QUEUED
+    worker: str | None = None
+    strikes: int = 0
+
+
+@dataclass
+class WorkerState:
+    id: str
+    credit: int
+    last_seen: float
+    held: set = field(default_factory=set)
+    busy_job: str | None = None
+    busy_s: float = 0.0
+
+    @property
+    def free(self) -> int:
+        return self.credit - len(self.held)
+
+
+@dataclass(frozen=True)
+class Lost:
+    """What losing a worker did: leases put back, and jobs failed for good."""
+
+    worker_id: str
+    requeued: tuple[str, ...]
+    failed: tuple[tuple[str, str], ...]  # (job_id, error)
+
+
+class Dispatcher:
+    def __init__(self, jobs: list[Job], *, max_attempts: int = 3):
+        self.jobs: dict[str, JobState] = {job.job_id: JobState(job) for job in jobs}
+        self.queue: deque[str] = deque(self.jobs)
+        self.workers: dict[str, WorkerState] = {}
+        self.max_attempts = max_attempts
+        self.leased = 0
+        self.finished = 0
+
+    # -- workers -------------------------------------------------------
+    def register(self, worker_id: str, credit: int, now: float) -> None:
+        """A worker (re)announced itself; a re-announcing worker holds nothing."""
+        old = self.workers.get(worker_id)
+        if old is not None:
+            self._release_all(old)
+        self.workers[worker_id] = WorkerState(worker_id, max(1, credit), now)
+
+    def seen(self, worker_id: str, now: float, busy_job: str | None = None,
+             busy_s: float = 0.0) -> bool:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return False
+        worker.last_seen = now
+        worker.busy_job, worker.busy_s = busy_job, busy_s
+        return True
+
+    def silent_workers(self, now: float, timeout: float) -> list[str]:
+        return [w.id for w in self.workers.values() if now - w.last_seen > timeout]
+
+    def overdue_workers(self, limit_s: float) -> list[str]:
+        """Workers stuck on one job for longer than ``limit_s``."""
+        return [w.id for w in self.workers.values() if w.busy_job and w.busy_s > limit_s]
+
+    def lose(self, worker_id: str, reason: str, culprit: str | None = None) -> Lost | None:
+        """Forget a worker; its leases go back to the queue (front first)."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return None
+        culprit = culprit or worker.busy_job
+        requeued, failed = [], []
+        for job_id in sorted(worker.held, reverse=True):
+            state = self.jobs[job_id]
+            if state.status != LEASED or state.worker != worker_id:
+                continue
+            self.leased -= 1
+            state.worker = None
+            if job_id == culprit:
+                state.strikes += 1
+                if state.strikes >= self.max_attempts:
+                    state.status = FAILED
+                    self.finished += 1
+                    failed.append((job_id, f"gave up after {state.strikes} attempts: {reason}"))
+                    continue
+            state.status = QUEUED
+            state.job = replace(state.job, attempt=state.job.attempt + 1)
+            self.queue.appendleft(job_id)
+            requeued.append(job_id)
+        return Lost(worker_id, tuple(requeued), tuple(failed))
+
+    # -- jobs ----------------------------------------------------------
+    def next_assignment(self) -> tuple[str, Job] | None:
+        """The next (worker id, job) to send, or None when nobody can take one."""
+        while self.queue:
+            worker = max(self.workers.values(), key=lambda w: w.free, default=None)
+            if worker is None or worker.free <= 0:
+                return None
+            state = self.jobs[self.queue.popleft()]
+            if state.status != QUEUED:
+                continue  # finished meanwhile by a late completion
+            state.status, state.worker = LEASED, worker.id
+            worker.held.add(state.job.job_id)
+            self.leased += 1
+            return worker.id, state.job
+        return None
+
+    def unsend(self, worker_id: str, job_id: str) -> None:
+        """The send failed: the job never left, put it back first in line."""
+        state = self.jobs[job_id]
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.held.discard(job_id)
+        if state.status == LEASED and state.worker == worker_id:
+            state.status, state.worker = QUEUED, None
+            self.leased -= 1
+            self.queue.appendleft(job_id)
+
+    def complete(self, job_id: str, worker_id: str, ok: bool) -> str:
+        """Record a completion: 'new', 'duplicate' or 'unknown'."""
+        state = self.jobs.get(job_id)
+        if state is None:
+            return "unknown"
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.held.discard(job_id)
+            if worker.busy_job == job_id:
+                worker.busy_job = None
+        if state.status in TERMINAL:
+            return "duplicate"
+        if state.status == LEASED:
+            # If another worker holds a redelivered copy, it keeps that lease
+            # until its own (duplicate) completion frees the credit.
+            self.leased -= 1
+        state.status = DONE if ok else FAILED
+        state.worker = worker_id
+        self.finished += 1
+        return "new"
+
+    def fail(self, job_id: str) -> None:
+        """Fail a job that never reached a worker (or whose worker is gone)."""
+        state = self.jobs[job_id]
+        if state.status in TERMINAL:
+            return
+        if state.status == LEASED:
+            self.leased -= 1
+        state.status = FAILED
+        self.finished += 1
+
+    def _release_all(self, worker: WorkerState) -> None:
+        for job_id in list(worker.held):
+            self.unsend(worker.id, job_id)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.jobs) - self.finished
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    def held_by(self) -> dict[str, int]:
+        return {w.id: len(w.held) for w in self.workers.values()}

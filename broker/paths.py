@@ -1,0 +1,90 @@
+"""Path rules shared by the ventilator and the sidecar.
+
+Inputs are never modified: an output that is, or resolves to, its input is
+refused on both sides (the sidecar checks again, since a job may come from a
+batch file or another host). Outputs appear atomically: written to a hidden
+temporary name in the same folder, then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+
+TEMP_SUFFIX = ".imgbus-tmp"
+
+
+class PathError(ValueError):
+    """An output path imgbus refuses to write."""
+
+
+def check_output_path(input_path: str, output_path: str, output_root: str | None = None) -> None:
+    """Raise PathError if writing ``output_path`` could touch the input or leave the root."""
+    real_out = os.path.realpath(output_path)
+    if real_out == os.path.realpath(input_path):
+        raise PathError(f"output path {output_path} is the input file itself; refusing to overwrite an input")
+    try:
+        if os.path.samefile(input_path, output_path):
+            raise PathError(f"output path {output_path} is a link to the input file; refusing to overwrite an input")
+    except OSError:
+        pass  # one of them does not exist: they cannot be the same file
+    if os.path.isdir(real_out):
+        raise PathError(f"output path {output_path} is a folder")
+    if output_root is not None and not is_within(real_out, os.path.realpath(output_root)):
+        raise PathError(f"output path {output_path} is outside the output folder {output_root}")
+
+
+def is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def temp_path_for(output_path: str, tag: str) -> str:
+    """A hidden sibling of ``output_path`` that a sweep can recognise."""
+    folder, name = os.path.split(output_path)
+    tag = tag.replace(".", "_").replace(os.sep, "_")  # the sweep splits on dots
+    return os.path.join(folder, f".{name}.{tag}{TEMP_SUFFIX}")
+
+
+def write_atomically(output_path: str, data: bytes, tag: str) -> None:
+    """Write ``data`` so that ``output_path`` is either absent, old, or complete."""
+    folder = os.path.dirname(output_path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = temp_path_for(output_path, tag)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, output_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def sweep_temp_files(output_paths) -> int:
+    """Remove temporary files left next to ``output_paths`` by killed workers."""
+    removed = 0
+    for folder, names in _by_folder(output_paths).items():
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for entry in entries:
+            if not (entry.startswith(".") and entry.endswith(TEMP_SUFFIX)):
+                continue
+            original = entry[1:].rsplit(".", 2)[0]
+            if original in names:
+                try:
+                    os.unlink(os.path.join(folder, entry))
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
+
+
+def _by_folder(paths) -> dict[str, set[str]]:
+    folders: dict[str, set[str]] = {}
+    for path in paths:
+        folder, name = os.path.split(path)
+        folders.setdefault(folder or ".", set()).add(name)
+    return folders

@@ -1,0 +1,359 @@
+"""The broker process: ventilator and sink around one poll loop.
+
+Sockets (all bound here; sidecars and reporters connect):
+  jobs     ROUTER  in: ready (a sidecar's credit)     out: job
+  results  PULL    in: done, heartbeat, bye
+  metrics  PUB     out: progress (a few per second), metrics (full snapshots)
+
+Ventilator and sink share one process because dispatching depends on
+completions: a completion frees a worker's credit and ends a lease, and the
+manifest of every job sent is needed to tell a lost job from a duplicate.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import zmq
+from loguru import logger
+
+from broker import wire
+from broker.config import StopFlag, make_socket
+from broker.dispatch import Dispatcher, Lost
+from broker.inputs import Plan, Planner
+from broker.metrics import BatchMetrics
+from broker.paths import sweep_temp_files
+from broker.settings import Settings
+
+PROGRESS_EVERY_S = 0.25
+METRICS_EVERY_S = 1.0
+HOUSEKEEPING_EVERY_S = 0.5
+FINAL_EVERY_S = 0.25
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    inputs: tuple[str, ...] = ()
+    jobs_file: str | None = None
+    output_dir: str = "out"
+    output_dir_given: bool = False
+    settings: Settings = Settings()
+    jobs_endpoint: str = "tcp://127.0.0.1:5557"
+    results_endpoint: str = "tcp://127.0.0.1:5558"
+    metrics_endpoint: str = "tcp://127.0.0.1:5559"
+    report_json: str | None = None
+    results_jsonl: str | None = None
+    max_pixels: int = 268_402_689
+    skip_existing: bool = False
+    min_workers: int = 1
+    ready_wait_s: float = 10.0
+    max_attempts: int = 3
+    heartbeat_timeout_s: float = 5.0
+    job_timeout_s: float = 120.0
+    no_worker_timeout_s: float = 60.0
+    grace_s: float = 10.0
+    linger_s: float = 3.0
+
+
+def plan_batch(config: BrokerConfig, batch_id: str) -> Plan:
+    planner = Planner(batch_id, config.output_dir, config.settings, max_pixels=config.max_pixels,
+                      skip_existing=config.skip_existing, confine_outputs=config.output_dir_given)
+    if config.inputs:
+        planner.add_inputs(list(config.inputs))
+    if config.jobs_file:
+        planner.add_batch_file(config.jobs_file)
+    return planner.plan
+
+
+class Broker:
+    """State and message handlers; ``run()`` drives it with real sockets."""
+
+    def __init__(self, config: BrokerConfig, plan: Plan, batch_id: str):
+        self.config = config
+        self.batch_id = batch_id
+        self.dispatcher = Dispatcher(plan.jobs, max_attempts=config.max_attempts)
+        total = len(plan.jobs) + len(plan.rejected) + len(plan.skipped)
+        self.metrics = BatchMetrics(batch_id, total)
+        self.results = open(config.results_jsonl, "wb", buffering=0) if config.results_jsonl else None
+        self.first_ready: float | None = None
+        self.dispatching = False
+        self.last_worker_seen = time.monotonic()
+        self.stopping_since: float | None = None
+        for rejected in plan.rejected:
+            self.metrics.record_failure(rejected.job_id, rejected.input, rejected.error)
+            self._result_line(rejected.job_id, rejected.input, rejected.output, ok=False,
+                              error=rejected.error)
+        for job in plan.skipped:
+            self.metrics.skipped += 1
+            self._result_line(job.job_id, job.input, job.output, ok=True, skipped=True,
+                              out_bytes=_size(job.output))
+
+    # -- messages ------------------------------------------------------
+    def handle_ready(self, identity: bytes, msg: wire.Ready, now: float) -> None:
+        if identity != msg.worker_id.encode():
+            logger.warning("ready from {!r} claims worker id {}; dropped", identity[:64], msg.worker_id)
+            return
+        if msg.worker_id not in self.dispatcher.workers:
+            logger.info("worker {} joined (pid {} on {}, credit {})", msg.worker_id, msg.pid, msg.host, msg.credit)
+        self.dispatcher.register(msg.worker_id, msg.credit, now)
+        stats = self.metrics.worker(msg.worker_id, now)
+        stats.state = "live"
+        self.first_ready = self.first_ready or now
+        self.last_worker_seen = now
+
+    def handle_heartbeat(self, msg: wire.Heartbeat, now: float) -> None:
+        if self.dispatcher.seen(msg.worker_id, now, msg.busy_job, msg.busy_s):
+            self.last_worker_seen = now
+
+    def handle_bye(self, msg: wire.Bye, now: float) -> None:
+        logger.info("worker {} left: {}", msg.worker_id, msg.reason)
+        self._lose(msg.worker_id, msg.reason, culprit=msg.job_id)
+
+    def handle_done(self, msg: wire.Done, now: float) -> None:
+        if msg.batch_id != self.batch_id:
+            logger.warning("completion for another batch ({}) from {}; dropped", msg.batch_id, msg.worker_id)
+            return
+        outcome = self.dispatcher.complete(msg.job_id, msg.worker_id, msg.ok)
+        if outcome == "unknown":
+            logger.warning("completion for unknown job {} from {}; dropped", msg.job_id, msg.worker_id)
+            return
+        self.dispatcher.seen(msg.worker_id, now)
+        if outcome == "duplicate":
+            self.metrics.duplicates += 1
+            logger.info("duplicate completion of {} from {} ignored", msg.job_id, msg.worker_id)
+            return
+        job = self.dispatcher.jobs[msg.job_id].job
+        if msg.ok:
+            self.metrics.record_success(msg.worker_id, msg.elapsed_s, msg.in_bytes, msg.out_bytes,
+                                        msg.format or "?", msg.kept_original, msg.timings)
+        else:
+            error = msg.error or "failed without an error message"
+            logger.warning("{} failed on {}: {}", job.input, msg.worker_id, error)
+            self.metrics.record_failure(msg.job_id, job.input, error, msg.worker_id, msg.elapsed_s)
+        self._result_line(msg.job_id, job.input, job.output, ok=msg.ok, error=msg.error,
+                          worker_id=msg.worker_id, attempt=job.attempt, in_bytes=msg.in_bytes,
+                          out_bytes=msg.out_bytes, width=msg.width, height=msg.height,
+                          format=msg.format, kept_original=msg.kept_original,
+                          elapsed_s=msg.elapsed_s, timings=msg.timings)
+
+    # -- time-driven ---------------------------------------------------
+    def housekeeping(self, now: float) -> None:
+        cfg = self.config
+        for worker_id in self.dispatcher.silent_workers(now, cfg.heartbeat_timeout_s):
+            self._lose(worker_id, f"worker {worker_id} stopped responding (no heartbeat for "
+                                  f"{cfg.heartbeat_timeout_s:g} s)")
+        for worker_id in self.dispatcher.overdue_workers(cfg.job_timeout_s + cfg.heartbeat_timeout_s):
+            self._lose(worker_id, f"job ran past --job-timeout {cfg.job_timeout_s:g} s on {worker_id}")
+        if self.dispatcher.workers:
+            self.last_worker_seen = now
+        if not self.dispatching and self.first_ready is not None and (
+            len(self.dispatcher.workers) >= cfg.min_workers or now - self.first_ready >= cfg.ready_wait_s
+        ):
+            self.dispatching = True
+            self.metrics.start(now)
+            logger.info("dispatching {} jobs to {} workers", self.dispatcher.remaining,
+                        len(self.dispatcher.workers))
+
+    def no_workers_for(self, now: float) -> float:
+        return 0.0 if self.dispatcher.workers else now - self.last_worker_seen
+
+    def _lose(self, worker_id: str, reason: str, culprit: str | None = None) -> Lost | None:
+        lost = self.dispatcher.lose(worker_id, reason, culprit)
+        if lost is None:
+            return None
+        stats = self.metrics.worker(worker_id)
+        stats.state = "dead" if "left" not in reason and "stopping" not in reason else "gone"
+        if lost.requeued:
+            self.metrics.redelivered += len(lost.requeued)
+            logger.warning("worker {} lost ({}); redelivering {} job(s)", worker_id, reason, len(lost.requeued))
+        for job_id, error in lost.failed:
+            job = self.dispatcher.jobs[job_id].job
+            logger.error("{} failed: {}", job.input, error)
+            self.metrics.record_failure(job_id, job.input, error, None)
+            self._result_line(job_id, job.input, job.output, ok=False, error=error, attempt=job.attempt)
+        return lost
+
+    def fail_remaining(self, error: str) -> None:
+        for job_id, state in self.dispatcher.jobs.items():
+            if state.status in ("queued", "leased"):
+                self.dispatcher.fail(job_id)
+                self.metrics.record_failure(job_id, state.job.input, error, None)
+                self._result_line(job_id, state.job.input, state.job.output, ok=False, error=error)
+
+    # -- output --------------------------------------------------------
+    def snapshot(self, now: float) -> dict:
+        snap = self.metrics.snapshot(now, queued=self.dispatcher.queued, in_flight=self.dispatcher.leased,
+                                     live_workers=self.dispatcher.held_by())
+        if self.metrics.state != "running" and self.dispatcher.remaining:
+            snap["unfinished"] = [
+                {"job_id": job_id, "input": s.job.input, "state": s.status, "worker_id": s.worker}
+                for job_id, s in self.dispatcher.jobs.items() if s.status in ("queued", "leased")
+            ]
+        return snap
+
+    def progress(self, now: float) -> wire.Progress:
+        m = self.metrics
+        return wire.Progress(self.batch_id, m.total, m.finished, m.failed, self.dispatcher.leased,
+                             len(self.dispatcher.workers), now - m.started)
+
+    def _result_line(self, job_id: str, input_path: str, output: str, **fields) -> None:
+        if self.results is not None:
+            line = {"job_id": job_id, "input": input_path, "output": output, **fields}
+            self.results.write(wire.dumps(line) + b"\n")
+
+    def close(self) -> None:
+        if self.results is not None:
+            self.results.close()
+
+
+def run(config: BrokerConfig, stop: StopFlag) -> int:
+    """Run one batch to the end; return the process exit code."""
+    batch_id = uuid.uuid4().hex[:12]
+    plan = plan_batch(config, batch_id)
+    logger.info("batch {}: {} jobs, {} rejected, {} skipped, {} non-image files ignored", batch_id,
+                len(plan.jobs), len(plan.rejected), len(plan.skipped), plan.ignored_files)
+    broker = Broker(config, plan, batch_id)
+    try:
+        with zmq.Context() as ctx:
+            return _serve(ctx, broker, stop)
+    finally:
+        broker.close()
+
+
+def _serve(ctx: zmq.Context, broker: Broker, stop: StopFlag) -> int:
+    cfg = broker.config
+    router = make_socket(ctx, zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a send to a vanished worker raises
+    router.setsockopt(zmq.ROUTER_HANDOVER, 1)    # a reconnecting worker takes its id back
+    pull = make_socket(ctx, zmq.PULL)
+    pub = make_socket(ctx, zmq.PUB, linger=0, receives=False)
+    with router, pull, pub:
+        router.bind(cfg.jobs_endpoint)
+        pull.bind(cfg.results_endpoint)
+        pub.bind(cfg.metrics_endpoint)
+        logger.info("listening: jobs {} results {} metrics {}", cfg.jobs_endpoint,
+                    cfg.results_endpoint, cfg.metrics_endpoint)
+        state, code = _loop(broker, router, pull, pub, stop)
+        now = time.monotonic()
+        broker.metrics.finish(state, now)
+        snapshot = broker.snapshot(now)
+        _write_report(cfg.report_json, snapshot)
+        swept = sweep_temp_files(s.job.output for s in broker.dispatcher.jobs.values())
+        if swept:
+            logger.info("removed {} temporary file(s) left by lost workers", swept)
+        _linger(pub, broker, snapshot, stop)
+        return code
+
+
+def _loop(broker: Broker, router, pull, pub, stop: StopFlag) -> tuple[str, int]:
+    cfg = broker.config
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(pull, zmq.POLLIN)
+    last_progress = last_metrics = last_house = 0.0
+    signals_seen = False
+    while True:
+        events = dict(poller.poll(100))
+        now = time.monotonic()
+        if router in events:
+            _drain(router, broker, now, from_router=True)
+        if pull in events:
+            _drain(pull, broker, now, from_router=False)
+        if now - last_house >= HOUSEKEEPING_EVERY_S:
+            broker.housekeeping(now)
+            last_house = now
+            if stop.parent_gone() and not stop:
+                stop.set("launcher exited")
+        if stop and not signals_seen:
+            signals_seen = True
+            broker.stopping_since = now
+            logger.warning("{}: no new jobs; waiting up to {:g} s for the {} in flight",
+                           stop.signal_name, cfg.grace_s, broker.dispatcher.leased)
+        if broker.dispatching and not signals_seen:
+            _dispatch(broker, router)
+        if now - last_progress >= PROGRESS_EVERY_S:
+            pub.send_multipart(wire.encode(broker.progress(now)))
+            last_progress = now
+        if now - last_metrics >= METRICS_EVERY_S:
+            pub.send_multipart(wire.encode(wire.Metrics(broker.batch_id, False, broker.snapshot(now))))
+            last_metrics = now
+        if broker.dispatcher.remaining == 0:
+            return "done", EXIT_OK if broker.metrics.failed == 0 else EXIT_FAILED
+        if signals_seen and (broker.dispatcher.leased == 0 or now - broker.stopping_since >= cfg.grace_s):
+            return "interrupted", EXIT_INTERRUPTED
+        if broker.no_workers_for(now) >= cfg.no_worker_timeout_s and broker.first_ready is not None:
+            error = f"no live worker for {cfg.no_worker_timeout_s:g} s; batch aborted"
+            logger.error(error)
+            broker.fail_remaining(error)
+            return "aborted", EXIT_FAILED
+
+
+def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:
+    """Handle every message waiting on ``sock``; bad ones are logged and dropped."""
+    for _ in range(10_000):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return
+        identity = frames.pop(0) if from_router else None
+        try:
+            msg = wire.decode(frames, (wire.Ready,) if from_router else (wire.Done, wire.Heartbeat, wire.Bye))
+        except wire.WireError as exc:
+            logger.warning("dropped a malformed message: {}", exc)
+            continue
+        if isinstance(msg, wire.Ready):
+            broker.handle_ready(identity, msg, now)
+        elif isinstance(msg, wire.Done):
+            broker.handle_done(msg, now)
+        elif isinstance(msg, wire.Heartbeat):
+            broker.handle_heartbeat(msg, now)
+        else:
+            broker.handle_bye(msg, now)
+
+
+def _dispatch(broker: Broker, router) -> None:
+    while (assignment := broker.dispatcher.next_assignment()) is not None:
+        worker_id, job = assignment
+        try:
+            router.send_multipart([worker_id.encode(), *wire.encode(job)], zmq.NOBLOCK)
+        except zmq.Again:
+            broker.dispatcher.unsend(worker_id, job.job_id)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            broker.dispatcher.unsend(worker_id, job.job_id)
+            broker._lose(worker_id, f"worker {worker_id} disconnected")
+
+
+def _linger(pub, broker: Broker, snapshot: dict, stop: StopFlag) -> None:
+    """Keep publishing the final snapshot so late or slow reporters still get it."""
+    final = wire.encode(wire.Metrics(broker.batch_id, True, snapshot))
+    signals_at_end = stop.count
+    deadline = time.monotonic() + broker.config.linger_s
+    while time.monotonic() < deadline and stop.count == signals_at_end:
+        pub.send_multipart(final)
+        stop.wait_for_more(signals_at_end, FINAL_EVERY_S)
+
+
+def _write_report(path: str | None, snapshot: dict) -> None:
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(wire.dumps_pretty(snapshot))
+    os.replace(tmp, path)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0

@@ -1,0 +1,215 @@
+"""The imgbus wire protocol: every message any component sends or receives.
+
+A message is two ZeroMQ frames: ``[kind, body]``. ``kind`` is a short ASCII
+word (it doubles as the PUB/SUB topic); ``body`` is one orjson-encoded object
+carrying ``v`` (the protocol version) and the fields of that kind.
+
+    kind        direction                           socket pair
+    ---------   ---------------------------------   ----------------------
+    ready       sidecar   -> ventilator             DEALER -> ROUTER
+    job         ventilator -> sidecar               ROUTER -> DEALER
+    done        sidecar   -> sink   (completion)    PUSH   -> PULL
+    heartbeat   sidecar   -> sink                   PUSH   -> PULL
+    bye         sidecar   -> sink                   PUSH   -> PULL
+    progress    sink      -> reporters              PUB    -> SUB
+    metrics     sink      -> reporters (snapshot)   PUB    -> SUB
+
+``decode()`` checks the arity, the kind, the version, every required field
+and every type; anything wrong raises ``WireError`` and the caller logs and
+drops the message. This is the only module that imports orjson.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import orjson
+
+VERSION = 1
+# Receiving sockets refuse larger messages outright (ZMQ_MAXMSGSIZE).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+class WireError(ValueError):
+    """A message that cannot be decoded or does not match the protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A sidecar announces itself and how many jobs it may hold at once."""
+
+    KIND: typing.ClassVar[bytes] = b"ready"
+    worker_id: str
+    host: str
+    pid: int
+    credit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One image to optimize. ``settings`` is a ``Settings.to_dict()``."""
+
+    KIND: typing.ClassVar[bytes] = b"job"
+    job_id: str
+    batch_id: str
+    input: str
+    output: str
+    settings: dict
+    attempt: int = 1
+    max_pixels: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A completion: the outcome of one job, reported by the worker that did it."""
+
+    KIND: typing.ClassVar[bytes] = b"done"
+    job_id: str
+    batch_id: str
+    worker_id: str
+    ok: bool
+    error: str | None = None
+    in_bytes: int = 0
+    out_bytes: int = 0
+    width: int = 0
+    height: int = 0
+    format: str | None = None
+    kept_original: bool = False
+    elapsed_s: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Sent every second by a live sidecar, busy or not."""
+
+    KIND: typing.ClassVar[bytes] = b"heartbeat"
+    worker_id: str
+    busy_job: str | None = None
+    busy_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """A sidecar leaves; ``job_id`` names the job it gave up on, if any."""
+
+    KIND: typing.ClassVar[bytes] = b"bye"
+    worker_id: str
+    reason: str
+    job_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A small, frequent summary for live progress lines."""
+
+    KIND: typing.ClassVar[bytes] = b"progress"
+    batch_id: str
+    total: int
+    completed: int
+    failed: int
+    in_flight: int
+    workers: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """A full snapshot of the batch metrics (see broker.metrics)."""
+
+    KIND: typing.ClassVar[bytes] = b"metrics"
+    batch_id: str
+    final: bool
+    snapshot: dict
+
+
+MESSAGE_TYPES = (Ready, Job, Done, Heartbeat, Bye, Progress, Metrics)
+BY_KIND = {cls.KIND: cls for cls in MESSAGE_TYPES}
+Message = Ready | Job | Done | Heartbeat | Bye | Progress | Metrics
+
+
+def _accepted_types(hint) -> tuple[type, ...]:
+    """Python types a JSON value may have for a field annotated ``hint``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(t for arg in typing.get_args(hint) for t in _accepted_types(arg))
+    if hint is type(None):
+        return (type(None),)
+    if hint is float:
+        return (float, int)
+    return (hint,)
+
+
+def _schema(cls) -> tuple[tuple[str, tuple[type, ...], bool], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (
+            f.name,
+            _accepted_types(hints[f.name]),
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)
+    )
+
+
+_SCHEMAS = {cls.KIND: _schema(cls) for cls in MESSAGE_TYPES}
+
+
+def encode(msg: Message) -> list[bytes]:
+    """The frames for ``msg``: ``[kind, body]``."""
+    body = {"v": VERSION}
+    for name, _, _ in _SCHEMAS[msg.KIND]:
+        body[name] = getattr(msg, name)
+    return [msg.KIND, orjson.dumps(body)]
+
+
+def decode(frames: list[bytes], expect: tuple[type, ...] | None = None) -> Message:
+    """Parse and validate ``[kind, body]``; raise WireError on anything amiss.
+
+    ``expect`` limits which kinds this receiver accepts.
+    """
+    if len(frames) != 2:
+        raise WireError(f"expected 2 frames, got {len(frames)}")
+    kind, raw = frames
+    cls = BY_KIND.get(bytes(kind))
+    if cls is None or (expect is not None and cls not in expect):
+        raise WireError(f"unexpected message kind {bytes(kind)[:32]!r}")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(f"{cls.KIND.decode()}: body is not JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise WireError(f"{cls.KIND.decode()}: body is not an object")
+    if body.get("v") != VERSION:
+        raise WireError(f"{cls.KIND.decode()}: protocol version {body.get('v')!r}, expected {VERSION}")
+    values = {}
+    for name, accepted, required in _SCHEMAS[cls.KIND]:
+        if name not in body:
+            if required:
+                raise WireError(f"{cls.KIND.decode()}: missing field {name!r}")
+            continue
+        value = body[name]
+        # bool is an int subclass: never let true/false pass as a number.
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            raise WireError(f"{cls.KIND.decode()}: field {name!r} has type {type(value).__name__}")
+        values[name] = value
+    return cls(**values)
+
+
+def dumps(obj) -> bytes:
+    """Plain JSON for files the broker writes (results lines, report)."""
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+
+
+def dumps_pretty(obj) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+
+
+def loads(raw: bytes | str):
+    """Parse one JSON document (a batch file line); raises WireError."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise WireError(str(exc)) from None

@@ -1,0 +1,190 @@
+"""python launch.py [INPUT ...] [options]: optimize images across a worker pool.
+
+Starts the broker, N sidecars and the reporter as separate processes (the
+same ``python -m ...`` commands a person would run by hand), connected over
+ipc:// sockets in a private folder, waits for the batch and stops them all.
+
+Exit status: 0 every image succeeded, 1 some failed (or the batch could not
+finish), 2 bad usage, 130 interrupted (the partial report is printed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLES = os.path.join(HERE, "samples")
+sys.path.insert(0, HERE)
+
+from loguru import logger  # noqa: E402
+
+from broker import config as common  # noqa: E402
+from broker.cli import (  # noqa: E402
+    OneLineParser, UsageError, add_batch_arguments, batch_argv, batch_config_from_args,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Crashes worth a fresh worker; SIGKILL/SIGTERM mean someone stopped it on purpose.
+CRASH_SIGNALS = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
+STOP_WAIT_S = 5.0
+
+
+def build_parser():
+    p = OneLineParser(prog="launch.py", description=__doc__.split("\n\n")[0])
+    add_batch_arguments(p)
+    cores = os.cpu_count() or 1
+    p.add_argument("--workers", type=int, default=cores, help="sidecar processes (default: CPU count)")
+    p.add_argument("--vips-threads", type=int,
+                   help="libvips threads per worker (default: CPU count / workers, at least 1)")
+    p.add_argument("--credit", type=int, default=2, help="jobs a worker may hold at once (default: 2)")
+    p.add_argument("--no-worker-timeout", type=float, default=15.0, metavar="S",
+                   help="give up when no worker has been alive this long (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=10.0, metavar="S",
+                   help="on Ctrl-C, wait this long for images in flight (default: %(default)s)")
+    p.set_defaults(log_level="WARNING")
+    return p
+
+
+class Launcher:
+    def __init__(self, args, run_dir: str):
+        self.args = args
+        self.endpoints = {k: f"ipc://{os.path.join(run_dir, k)}" for k in ("jobs", "results", "metrics")}
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))}
+        self.broker = self.reporter = None
+        self.workers: list[subprocess.Popen] = []
+        self.respawns_left = 3 * args.workers
+        cores = os.cpu_count() or 1
+        self.vips_threads = args.vips_threads or max(1, cores // max(1, args.workers))
+
+    def _start(self, module: str, *argv: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", module, *argv, "--parent-pid", str(os.getpid())]
+        # A session of its own: Ctrl-C reaches only the launcher, which then
+        # stops the pieces in order (broker first, so the report is complete).
+        return subprocess.Popen(cmd, env=self.env, start_new_session=True)
+
+    def start_broker(self) -> None:
+        a = self.args
+        self.broker = self._start(
+            "broker", *batch_argv(a),
+            "--jobs-endpoint", self.endpoints["jobs"],
+            "--results-endpoint", self.endpoints["results"],
+            "--metrics-endpoint", self.endpoints["metrics"],
+            "--min-workers", str(a.workers), "--no-worker-timeout", str(a.no_worker_timeout),
+            "--grace", str(a.grace), "--linger", "30",
+        )
+
+    def start_reporter(self) -> None:
+        a = self.args
+        self.reporter = self._start("reporter", "--connect", self.endpoints["metrics"],
+                                    "--log-dir", a.log_dir, "--log-level", a.log_level)
+
+    def start_worker(self) -> subprocess.Popen:
+        a = self.args
+        worker = self._start("sidecar", "--connect", self.endpoints["jobs"],
+                             "--results", self.endpoints["results"], "--credit", str(a.credit),
+                             "--job-timeout", str(a.job_timeout), "--vips-threads", str(self.vips_threads),
+                             "--log-dir", a.log_dir, "--log-level", a.log_level)
+        self.workers.append(worker)
+        return worker
+
+    def supervise(self, stop: common.StopFlag) -> int:
+        """Wait for the batch; return the exit status."""
+        forwarded = 0
+        while True:
+            if stop.count > forwarded:
+                # First Ctrl-C: the broker stops dispatching and finishes what is
+                # in flight. Second: it cuts that wait short.
+                forwarded = stop.count
+                _signal(self.broker, signal.SIGTERM)
+            self._replace_crashed_workers()
+            if self.reporter.poll() is not None and self.broker.poll() is None:
+                _signal(self.broker, signal.SIGTERM)  # report printed: end the broker's linger
+            if self.broker.poll() is not None:
+                break
+            time.sleep(0.1)
+        if self.reporter.poll() is None:
+            # The broker ended without the reporter seeing a final report.
+            _wait_or_stop(self.reporter, 2.0)
+        code = self.broker.returncode
+        if stop.count:
+            return EXIT_INTERRUPTED
+        return {0: EXIT_OK, 1: EXIT_FAILED, 130: EXIT_INTERRUPTED}.get(code, EXIT_FAILED)
+
+    def _replace_crashed_workers(self) -> None:
+        for worker in list(self.workers):
+            code = worker.poll()
+            if code is None:
+                continue
+            self.workers.remove(worker)
+            crashed = code > 0 or code in CRASH_SIGNALS
+            if crashed and self.respawns_left > 0 and self.broker.poll() is None:
+                self.respawns_left -= 1
+                logger.warning("worker pid {} exited with {}; starting a new one", worker.pid, code)
+                self.start_worker()
+            else:
+                logger.warning("worker pid {} exited with {}", worker.pid, code)
+
+    def stop_all(self) -> None:
+        for proc in [*self.workers, self.reporter, self.broker]:
+            _signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_WAIT_S
+        for proc in [*self.workers, self.reporter, self.broker]:
+            if proc is not None:
+                _wait_or_stop(proc, max(0.0, deadline - time.monotonic()))
+
+
+def _signal(proc, sig) -> None:
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_or_stop(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _signal(proc, signal.SIGTERM)
+        try:
+            proc.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            logger.error("pid {} did not stop; killing it", proc.pid)
+            proc.kill()
+            proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.inputs and not args.jobs:
+        args.inputs = [SAMPLES]
+    try:
+        batch_config_from_args(args)
+        if args.workers < 1 or args.credit < 1 or (args.vips_threads is not None and args.vips_threads < 1):
+            raise UsageError("--workers, --credit and --vips-threads must be at least 1")
+    except UsageError as exc:
+        parser.error(str(exc))
+    common.setup_logging("launch", args.log_dir, args.log_level)
+    stop = common.StopFlag().install()
+    run_dir = tempfile.mkdtemp(prefix="imgbus-")
+    launcher = Launcher(args, run_dir)
+    try:
+        launcher.start_reporter()
+        launcher.start_broker()
+        for _ in range(args.workers):
+            launcher.start_worker()
+        return launcher.supervise(stop)
+    finally:
+        launcher.stop_all()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""``python -m reporter``: flags -> ReporterConfig -> run()."""
+
+from __future__ import annotations
+
+import argparse
+
+from loguru import logger
+
+from broker import config as common
+from broker.cli import OneLineParser
+from reporter.subscriber import ReporterConfig, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m reporter",
+                      description="imgbus reporter: live progress and the console benchmark")
+    p.add_argument("--connect", default=common.DEFAULT_METRICS, metavar="ENDPOINT",
+                   help="the broker's metrics endpoint (default: %(default)s)")
+    p.add_argument("--report-json", metavar="FILE", help="also write the final snapshot as JSON")
+    p.add_argument("--quiet", action="store_true", help="no live progress line")
+    p.add_argument("--log-dir", default="logs", metavar="DIR")
+    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.setup_logging("reporter", args.log_dir, args.log_level)
+    stop = common.StopFlag(args.parent_pid).install()
+    try:
+        return run(ReporterConfig(args.connect, args.report_json, args.quiet), stop)
+    except Exception:
+        logger.exception("reporter failed")
+        return 3

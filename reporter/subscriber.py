@@ -1,0 +1,97 @@
+"""The reporter process: a live progress line, then the console benchmark.
+
+Sockets:
+  metrics  SUB (connects to the broker's PUB)   in: progress, metrics
+
+The broker publishes whole snapshots, never deltas, so a reporter started
+late (even after the batch ended, while the broker still lingers) prints
+the same complete report as one that watched from the start.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import zmq
+from loguru import logger
+
+from broker import wire
+from broker.config import StopFlag, make_socket
+from reporter.render import progress_line, report
+
+NON_TTY_PROGRESS_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class ReporterConfig:
+    endpoint: str
+    report_json: str | None = None
+    quiet: bool = False
+
+
+class ProgressPrinter:
+    """Overwrites one line on a terminal; prints a line now and then otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+            self.shown = True
+        elif now - self.last >= NON_TTY_PROGRESS_EVERY_S:
+            self.stream.write(text + "\n")
+            self.last = now
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.shown = False
+
+
+def run(config: ReporterConfig, stop: StopFlag) -> int:
+    printer = ProgressPrinter()
+    latest: dict | None = None
+    with zmq.Context() as ctx, make_socket(ctx, zmq.SUB, linger=0) as sub:
+        sub.subscribe(wire.Progress.KIND)
+        sub.subscribe(wire.Metrics.KIND)
+        sub.connect(config.endpoint)
+        logger.info("subscribed to {}", config.endpoint)
+        while not stop and not stop.parent_gone():
+            if not sub.poll(200):
+                continue
+            try:
+                msg = wire.decode(sub.recv_multipart(), (wire.Progress, wire.Metrics))
+            except wire.WireError as exc:
+                logger.warning("dropped a malformed message: {}", exc)
+                continue
+            if isinstance(msg, wire.Progress):
+                if not config.quiet:
+                    printer.show(progress_line(msg))
+                continue
+            latest = msg.snapshot
+            if msg.final:
+                printer.end()
+                _print_report(latest, config)
+                return 0
+    printer.end()
+    if latest is not None:
+        latest = {**latest, "state": f"{latest['state']}, partial: reporter stopped"}
+        _print_report(latest, config)
+    return 130
+
+
+def _print_report(snapshot: dict, config: ReporterConfig) -> None:
+    sys.stdout.write(report(snapshot) + "\n")
+    sys.stdout.flush()
+    if config.report_json:
+        with open(config.report_json, "wb") as f:
+            f.write(wire.dumps_pretty(snapshot))

@@ -1,0 +1,54 @@
+"""``python -m sidecar``: flags -> WorkerConfig -> run()."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from broker import config as common
+from broker.cli import OneLineParser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m sidecar", description="imgbus sidecar: an image worker")
+    p.add_argument("--connect", default=common.DEFAULT_JOBS, metavar="ENDPOINT",
+                   help="the broker's jobs endpoint (default: %(default)s)")
+    p.add_argument("--results", metavar="ENDPOINT",
+                   help="the broker's results endpoint (default: the jobs port + 1)")
+    p.add_argument("--credit", type=int, default=2,
+                   help="jobs this worker may hold at once, running and queued (default: 2)")
+    p.add_argument("--job-timeout", type=float, default=120.0, metavar="S",
+                   help="exit (and let the job be retried) when one image takes longer")
+    p.add_argument("--vips-threads", type=int, default=1,
+                   help="libvips threads in this worker (default: 1; workers x threads ~ cores)")
+    p.add_argument("--log-dir", default="logs", metavar="DIR")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.credit < 1 or args.vips_threads < 1 or args.job_timeout <= 0:
+        parser.error("--credit, --vips-threads and --job-timeout must be positive")
+    # libvips reads this once, when it starts: before the first pyvips import.
+    os.environ["VIPS_CONCURRENCY"] = str(args.vips_threads)
+    from loguru import logger
+
+    from sidecar.worker import WorkerConfig, run
+
+    worker_id = common.worker_id()
+    common.setup_logging("sidecar", args.log_dir, args.log_level, worker_id=worker_id)
+    try:
+        results = args.results or common.derive_endpoint(args.connect, 1)
+    except ValueError as exc:
+        parser.error(str(exc))
+    config = WorkerConfig(worker_id, args.connect, results, credit=args.credit,
+                          job_timeout_s=args.job_timeout)
+    stop = common.StopFlag(args.parent_pid).install()
+    try:
+        return run(config, stop)
+    except Exception:
+        logger.exception("worker failed")
+        return 3

@@ -1,0 +1,262 @@
+"""One image in, one optimized image out, with pyvips. No sockets here.
+
+Stages, each timed:
+  decode  read the file, check the header against the pixel limit, decode
+          (shrinking on load where the format allows), orient upright and
+          convert to sRGB
+  resize  resample to the target size (alpha premultiplied), flatten onto
+          white for formats without alpha, reduce to 8 bits
+  encode  save to the output format in memory
+  write   keep the smaller of input and output when nothing else changed,
+          then write atomically
+
+Every failure becomes ``ImageError`` with a message fit for a person.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import pyvips
+
+from broker.paths import PathError, check_output_path, write_atomically
+from broker.settings import ALPHA_FORMATS, ANIMATED_FORMATS, Settings, output_format, target_size
+from broker.sniff import HEAD_BYTES, describe_non_image, image_format
+
+# Enough for a 16k x 16k image; about the same limit as Pillow's bomb check.
+DEFAULT_MAX_PIXELS = 16384 * 16384
+# Orientations 5-8 swap width and height.
+TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+class ImageError(Exception):
+    """This image cannot be optimized; the message says why."""
+
+
+@dataclass
+class Outcome:
+    in_bytes: int
+    out_bytes: int
+    width: int
+    height: int
+    format: str
+    kept_original: bool
+    timings: dict = field(default_factory=dict)
+
+
+def configure_vips() -> None:
+    """No operation cache: every image is new, and the cache only grows."""
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max_mem(0)
+    pyvips.cache_set_max_files(0)
+
+
+def optimize(input_path: str, output_path: str, settings: Settings, *,
+             max_pixels: int = DEFAULT_MAX_PIXELS, tag: str = "imgbus") -> Outcome:
+    """Optimize ``input_path`` into ``output_path``; raise ImageError on failure."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    try:
+        check_output_path(input_path, output_path)
+    except PathError as exc:
+        raise ImageError(str(exc)) from None
+    data = read_input(input_path)
+    image, in_format, upright = decode(data, settings, max_pixels)
+    clock = _lap(timings, "decode", clock)
+
+    out_format = output_format(settings.format, in_format)
+    image = reshape(image, upright, settings, out_format)
+    clock = _lap(timings, "resize", clock)
+
+    encoded = encode(image, out_format, settings.quality_for(out_format))
+    clock = _lap(timings, "encode", clock)
+
+    width, height = image.width, _page_height(image)
+    kept = out_format == in_format and (width, height) == upright and len(encoded) >= len(data)
+    if kept:
+        encoded = data
+    try:
+        write_atomically(output_path, encoded, tag)
+    except OSError as exc:
+        raise ImageError(f"cannot write output: {exc.strerror or exc}") from None
+    _lap(timings, "write", clock)
+    return Outcome(len(data), len(encoded), width, height, out_format, kept, timings)
+
+
+def _lap(timings: dict, stage: str, start: float) -> float:
+    now = time.perf_counter()
+    timings[stage] = now - start
+    return now
+
+
+def read_input(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError("input file not found") from None
+    except IsADirectoryError:
+        raise ImageError("input is a folder, not a file") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read input: {exc.strerror or exc}") from None
+    if image_format(data[:HEAD_BYTES]) is None:
+        raise ImageError(describe_non_image(data[:HEAD_BYTES]))
+    return data
+
+
+def decode(data: bytes, settings: Settings, max_pixels: int):
+    """Decode ``data`` upright in sRGB; return (image, input format, upright size)."""
+    header = _vips(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential"))
+    in_format = _loader_format(header)
+    pages = _get(header, "n-pages", 1)
+    width, height = header.width, header.height
+    if max_pixels and width * height > max_pixels:
+        raise ImageError(
+            f"image too large: {width}x{height} is {width * height / 1e6:.0f} megapixels, "
+            f"over the limit of {max_pixels / 1e6:.0f} megapixels (--max-pixels)"
+        )
+    if _get(header, "orientation", 1) in TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    out_format = output_format(settings.format, in_format)
+    if pages > 1 and in_format in ("gif", "webp") and out_format in ANIMATED_FORMATS:
+        if max_pixels and width * height * pages > max_pixels:
+            raise ImageError(f"animation too large: {pages} frames of {width}x{height} is over --max-pixels")
+        image = _vips(lambda: pyvips.Image.new_from_buffer(
+            data, "", n=-1, access="sequential", fail_on="truncated"))
+    else:
+        image = _load_shrunk(data, in_format, (width, height), settings).autorot()
+    image = _vips(_to_srgb(image).copy_memory)
+    return image, in_format, (width, height)
+
+
+def _load_shrunk(data: bytes, in_format: str, upright: tuple[int, int], settings: Settings):
+    """Load, letting JPEG and WebP decode at a reduced size when resizing down.
+
+    Decoding stops at about twice the target size so that a proper resample
+    (lanczos3) does the last step, as libvips' own thumbnail does.
+    """
+    target = target_size(*upright, settings.resize_mode, settings.resize_size)
+    factor = upright[0] / target[0]
+    options = {"access": "sequential", "fail_on": "truncated"}
+    if in_format == "jpeg" and factor >= 4:
+        options["shrink"] = max(s for s in (2, 4, 8) if 2 * s <= factor)
+    elif in_format == "webp" and factor > 2:
+        options["scale"] = 2 / factor
+    return _vips(lambda: pyvips.Image.new_from_buffer(data, "", **options))
+
+
+def _to_srgb(image):
+    """Colour-manage into sRGB (or keep grey); embedded profiles are honoured."""
+    grey = image.interpretation in ("b-w", "grey16")
+    if image.get_typeof("icc-profile-data") and not grey:
+        image = _vips(lambda: image.icc_transform("srgb", embedded=True, intent="perceptual"))
+    if image.interpretation not in ("srgb", "b-w"):
+        image = _vips(lambda: image.colourspace("b-w" if grey else "srgb"))
+    if image.format != "uchar":
+        image = image.cast("uchar")
+    return image
+
+
+def reshape(image, upright: tuple[int, int], settings: Settings, out_format: str):
+    """Resize to the target size, and drop alpha where the format has none."""
+    target = target_size(*upright, settings.resize_mode, settings.resize_size)
+    if target != (image.width, _page_height(image)):
+        image = _resize(image, target)
+    if image.hasalpha() and out_format not in ALPHA_FORMATS:
+        image = image.flatten(background=[255] * (image.bands - 1))
+    return _vips(image.copy_memory)
+
+
+def _resize(image, target: tuple[int, int]):
+    page_height = _page_height(image)
+    pages = image.height // page_height
+    if pages > 1:
+        # Resize frame by frame so that no frame bleeds into the next.
+        frames = [image.crop(0, i * page_height, image.width, page_height) for i in range(pages)]
+        out = pyvips.Image.arrayjoin([_resize_one(f, target) for f in frames], across=1)
+        out = out.copy()
+        out.set_type(pyvips.GValue.gint_type, "page-height", target[1])
+        return out
+    return _resize_one(image, target)
+
+
+def _resize_one(image, target: tuple[int, int]):
+    hscale = target[0] / image.width
+    vscale = target[1] / image.height
+    if image.hasalpha():
+        # Resample premultiplied so transparent pixels do not bleed dark edges.
+        out = image.premultiply().resize(hscale, vscale=vscale, kernel="lanczos3").unpremultiply()
+        return out.cast("uchar")
+    return image.resize(hscale, vscale=vscale, kernel="lanczos3")
+
+
+def encode(image, fmt: str, quality: int) -> bytes:
+    lossless = quality == 100
+    try:
+        if fmt == "jpeg":
+            return image.jpegsave_buffer(Q=quality, optimize_coding=True, keep="none",
+                                         subsample_mode="off" if lossless else "on")
+        if fmt == "png":
+            if lossless:
+                return image.pngsave_buffer(compression=9, keep="none")
+            return image.pngsave_buffer(compression=7, palette=True, Q=quality, keep="none")
+        if fmt == "webp":
+            return image.webpsave_buffer(Q=quality, lossless=lossless, effort=4, keep="none")
+        if fmt == "avif":
+            return image.heifsave_buffer(compression="av1", Q=quality, lossless=lossless, effort=2,
+                                         subsample_mode="off" if lossless else "auto", keep="none")
+        if fmt == "tiff":
+            return image.tiffsave_buffer(compression="deflate", predictor="horizontal", keep="none")
+        if fmt == "gif":
+            return image.gifsave_buffer(keep="none")
+    except pyvips.Error as exc:
+        raise ImageError(f"cannot encode {fmt}: {_vips_message(exc)}") from None
+    raise ImageError(f"unsupported output format {fmt!r}")
+
+
+_LOADER_FORMATS = {
+    "jpegload": "jpeg", "pngload": "png", "webpload": "webp", "gifload": "gif",
+    "tiffload": "tiff", "svgload": "svg",
+}
+
+
+def _loader_format(image) -> str:
+    loader = _get(image, "vips-loader", "")
+    for prefix in ("_buffer", "_source", "_file"):
+        loader = loader.removesuffix(prefix)
+    if loader == "heifload":
+        return "avif" if _get(image, "heif-compression", "") == "av1" else "heif"
+    if loader in _LOADER_FORMATS:
+        return _LOADER_FORMATS[loader]
+    raise ImageError(f"unsupported image type (loader {loader or 'unknown'})")
+
+
+def _get(image, name: str, default):
+    return image.get(name) if image.get_typeof(name) else default
+
+
+def _page_height(image) -> int:
+    ph = _get(image, "page-height", 0)
+    return ph if ph and image.height % ph == 0 else image.height
+
+
+def _vips(call):
+    """Run a pyvips call, turning its errors into a readable ImageError."""
+    try:
+        return call()
+    except pyvips.Error as exc:
+        raise ImageError(_vips_message(exc)) from None
+
+
+def _vips_message(exc: pyvips.Error) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # libvips prefixes the useful line with a generic one ("unable to copy to memory").
+    useful = [line for line in lines if not line.startswith(("unable to", "VipsOperation"))] or lines
+    text = "; ".join(dict.fromkeys(useful))
+    if any(word in text.lower() for word in ("premature", "truncat", "read error", "corrupt", "invalid")):
+        return f"corrupt or truncated image: {text}"
+    if "not a known" in text or "is not in a known format" in text:
+        return "not a supported image format"
+    return text or "image could not be processed"

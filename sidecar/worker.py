@@ -1,0 +1,163 @@
+"""The sidecar process: takes jobs, optimizes images, reports completions.
+
+Sockets (all connect to the broker):
+  jobs     DEALER  out: ready (our credit; again whenever idle)   in: job
+  results  PUSH    out: done (one per job, with our worker id), bye
+  results  PUSH    out: heartbeat, from the heartbeat thread's own socket
+
+The main thread does the image work; pyvips releases the GIL, so the
+heartbeat thread keeps beating while an image decodes. It is also the
+watchdog: a job that runs past --job-timeout cannot be interrupted inside
+libvips, so the process says bye and exits, the broker redelivers (or,
+after repeated strikes, fails) the job, and the launcher starts a new worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+from loguru import logger
+
+from broker import wire
+from broker.config import LINGER_MS, StopFlag, make_socket
+from broker.settings import Settings, SettingsError
+from sidecar.optimize import ImageError, configure_vips, optimize
+
+EXIT_JOB_TIMEOUT = 75
+POLL_MS = 200
+SEND_TIMEOUT_MS = 10_000
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    jobs_endpoint: str
+    results_endpoint: str
+    credit: int = 2
+    job_timeout_s: float = 120.0
+    heartbeat_s: float = 1.0
+    idle_ready_s: float = 2.0
+
+
+class Busy:
+    """What the main thread is working on; read by the heartbeat thread."""
+
+    def __init__(self):
+        self.job: tuple[str, float] | None = None  # (job id, start), replaced atomically
+
+    def seconds(self) -> tuple[str | None, float]:
+        current = self.job
+        if current is None:
+            return None, 0.0
+        return current[0], time.monotonic() - current[1]
+
+
+def process(job: wire.Job, worker_id: str) -> wire.Done:
+    """Do one job; every failure becomes a failed completion, never an exception."""
+    start = time.perf_counter()
+    with logger.contextualize(job_id=job.job_id):
+        try:
+            settings = Settings.from_dict(job.settings)
+            outcome = optimize(job.input, job.output, settings, max_pixels=job.max_pixels,
+                               tag=f"{worker_id}-{job.attempt}")
+        except (ImageError, SettingsError) as exc:
+            error = str(exc) if isinstance(exc, ImageError) else f"invalid setting: {exc}"
+            logger.warning("{} failed: {}", job.input, error)
+            return wire.Done(job.job_id, job.batch_id, worker_id, False, error,
+                             elapsed_s=time.perf_counter() - start)
+        except Exception as exc:  # a bug or an exotic libvips failure: the worker lives on
+            logger.exception("{} failed unexpectedly", job.input)
+            return wire.Done(job.job_id, job.batch_id, worker_id, False,
+                             f"internal error: {type(exc).__name__}: {exc}",
+                             elapsed_s=time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        logger.debug("{} -> {} {}x{} {} -> {} bytes in {:.3f} s", job.input, job.output,
+                     outcome.width, outcome.height, outcome.in_bytes, outcome.out_bytes, elapsed)
+        return wire.Done(job.job_id, job.batch_id, worker_id, True, None, outcome.in_bytes,
+                         outcome.out_bytes, outcome.width, outcome.height, outcome.format,
+                         outcome.kept_original, elapsed, outcome.timings)
+
+
+def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done: threading.Event) -> None:
+    with make_socket(ctx, zmq.PUSH, linger=0, receives=False) as push:
+        push.sndhwm = 10
+        push.connect(config.results_endpoint)
+        while not done.wait(config.heartbeat_s):
+            job_id, busy_s = busy.seconds()
+            if job_id is not None and busy_s > config.job_timeout_s:
+                logger.error("job {} ran past --job-timeout {:g} s; exiting so it can be retried",
+                             job_id, config.job_timeout_s)
+                reason = f"job ran past --job-timeout {config.job_timeout_s:g} s"
+                _send(push, wire.Bye(config.worker_id, reason, job_id))
+                time.sleep(0.5)  # let the bye leave before the process does
+                os._exit(EXIT_JOB_TIMEOUT)
+            _send(push, wire.Heartbeat(config.worker_id, job_id, busy_s))
+
+
+def _send(sock, msg) -> bool:
+    try:
+        sock.send_multipart(wire.encode(msg), zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        return False  # the broker is away; heartbeats are not worth queueing
+
+
+def run(config: WorkerConfig, stop: StopFlag) -> int:
+    configure_vips()
+    busy, beating = Busy(), threading.Event()
+    with zmq.Context() as ctx:
+        dealer = make_socket(ctx, zmq.DEALER, linger=0)
+        dealer.routing_id = config.worker_id.encode()
+        dealer.rcvhwm = max(2, config.credit * 2)
+        push = make_socket(ctx, zmq.PUSH, linger=LINGER_MS, receives=False)
+        push.sndtimeo = SEND_TIMEOUT_MS
+        heart = threading.Thread(target=heartbeat_loop, args=(ctx, config, busy, beating),
+                                 name="heartbeat", daemon=True)
+        with dealer, push:
+            dealer.connect(config.jobs_endpoint)
+            push.connect(config.results_endpoint)
+            heart.start()
+            logger.info("worker {} connected to {}", config.worker_id, config.jobs_endpoint)
+            try:
+                _serve(dealer, push, config, busy, stop)
+            finally:
+                _send(push, wire.Bye(config.worker_id, "stopping"))
+                beating.set()
+                heart.join(2)
+    return 0
+
+
+def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> None:
+    ready = wire.encode(wire.Ready(config.worker_id, socket.gethostname(), os.getpid(), config.credit))
+    dealer.send_multipart(ready)
+    last_job = time.monotonic()
+    handled = 0
+    while not stop and not stop.parent_gone():
+        if not dealer.poll(POLL_MS):
+            if time.monotonic() - last_job >= config.idle_ready_s:
+                # Idle: remind the broker we are here (it may have written us off).
+                _send(dealer, wire.Ready(config.worker_id, socket.gethostname(), os.getpid(),
+                                         config.credit))
+                last_job = time.monotonic()
+            continue
+        try:
+            job = wire.decode(dealer.recv_multipart(), (wire.Job,))
+        except wire.WireError as exc:
+            logger.warning("dropped a malformed message: {}", exc)
+            continue
+        busy.job = (job.job_id, time.monotonic())
+        done = process(job, config.worker_id)
+        busy.job = None
+        try:
+            push.send_multipart(wire.encode(done))
+        except zmq.Again:
+            logger.error("broker unreachable: completion of {} not delivered", job.job_id)
+        handled += 1
+        last_job = time.monotonic()
+    logger.info("worker {} stopping after {} jobs ({})", config.worker_id, handled,
+                stop.signal_name or "launcher exited")
