@@ -63,11 +63,15 @@ class Dispatcher:
 
     # -- workers -------------------------------------------------------
     def register(self, worker_id: str, credit: int, now: float) -> None:
-        """A worker (re)announced itself; a re-announcing worker holds nothing."""
-        old = self.workers.get(worker_id)
-        if old is not None:
-            self._release_all(old)
-        self.workers[worker_id] = WorkerState(worker_id, max(1, credit), now)
+        """A worker announced itself, or reminded us it is idle and alive.
+
+        A reminder can cross a job on the wire, so it keeps the worker's leases.
+        """
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            self.workers[worker_id] = WorkerState(worker_id, max(1, credit), now)
+        else:
+            worker.credit, worker.last_seen = max(1, credit), now
 
     def seen(self, worker_id: str, now: float, busy_job: str | None = None,
              busy_s: float = 0.0) -> bool:
@@ -168,10 +172,6 @@ class Dispatcher:
             self.leased -= 1
         state.status = FAILED
         self.finished += 1
-
-    def _release_all(self, worker: WorkerState) -> None:
-        for job_id in list(worker.held):
-            self.unsend(worker.id, job_id)
 
     @property
     def remaining(self) -> int:

@@ -1,0 +1,136 @@
+"""Shared fixtures: synthetic images made with pyvips, the real corpus, runners."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pyvips
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("IMGBUS_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+CORPUS_CACHE = os.environ.get("IMGBUS_CORPUS", os.path.expanduser("~/.cache/imgbus/wallpapers"))
+
+pyvips.cache_set_max(0)
+
+
+def make_photo(path, width=640, height=480, *, orientation=None, alpha=False, q=92):
+    """A photo-like test image (smooth gradients plus noise), saved by extension."""
+    x = pyvips.Image.xyz(width, height)
+    r = (x[0] * 255 / max(1, width - 1))
+    g = (x[1] * 255 / max(1, height - 1))
+    b = pyvips.Image.gaussnoise(width, height, mean=128, sigma=40)
+    image = r.bandjoin([g, b]).cast("uchar").copy(interpretation="srgb")
+    if alpha:
+        image = image.bandjoin((x[0] > width // 2).ifthenelse(255, 0).cast("uchar"))
+    if orientation:
+        image = image.copy()
+        image.set_type(pyvips.GValue.gint_type, "orientation", orientation)
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".jpg", ".jpeg"):
+        image.jpegsave(path, Q=q, keep="exif" if orientation else "none")
+    else:
+        image.write_to_file(path)
+    return path
+
+
+@pytest.fixture
+def photo(tmp_path):
+    def factory(name="photo.jpg", **kwargs):
+        path = tmp_path / "in" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return make_photo(str(path), **kwargs)
+    return factory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tcp_endpoints() -> dict[str, str]:
+    return {k: f"tcp://127.0.0.1:{free_port()}" for k in ("jobs", "results", "metrics")}
+
+
+def python_cmd(*args) -> list[str]:
+    return [sys.executable, *args]
+
+
+def run_launch(args, *, timeout=180, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(python_cmd(os.path.join(ROOT, "launch.py"), *map(str, args)),
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def start(module: str, *args, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.Popen(python_cmd("-m", module, *map(str, args)), cwd=ROOT, env=env, **popen)
+
+
+def stop(*procs, timeout=10.0) -> None:
+    """Everything a test starts, it stops (by pid)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def children_of(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def processes_matching(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(scope="session")
+def corpus() -> str:
+    """The 51 real wallpapers, fetched once into a cache outside the repo."""
+    have = [f for f in os.listdir(CORPUS_CACHE)] if os.path.isdir(CORPUS_CACHE) else []
+    if len(have) < 51:
+        script = os.path.join(SHARED, "corpus", "fetch-wallpapers.sh")
+        if not os.path.isfile(script):
+            pytest.skip(f"corpus not cached in {CORPUS_CACHE} and no fetch script at {script}")
+        subprocess.run(["bash", script, CORPUS_CACHE], check=True, timeout=900)
+    return CORPUS_CACHE
+
+
+@pytest.fixture(scope="session")
+def cases_dir() -> str:
+    path = os.path.join(SHARED, "cases")
+    if not os.path.isfile(os.path.join(path, "check.py")):
+        pytest.skip(f"conformance suite not found at {path} (set IMGBUS_SHARED)")
+    return path

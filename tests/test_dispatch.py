@@ -1,0 +1,117 @@
+"""Credits, leases and redelivery, stepped directly (no sockets)."""
+
+from collections import Counter
+
+from broker.dispatch import DONE, FAILED, LEASED, QUEUED, Dispatcher
+from broker.wire import Job
+
+
+def jobs(n):
+    return [Job(f"j{i}", "b", f"/in/{i}.jpg", f"/out/{i}.jpg", {}) for i in range(n)]
+
+
+def drain(d):
+    sent = []
+    while (a := d.next_assignment()) is not None:
+        sent.append(a)
+    return sent
+
+
+def test_no_worker_holds_more_than_its_credit():
+    d = Dispatcher(jobs(20))
+    d.register("a", 2, 0.0)
+    d.register("b", 2, 0.0)
+    sent = drain(d)
+    assert Counter(w for w, _ in sent) == {"a": 2, "b": 2}
+    assert d.queued == 16
+
+
+def test_fast_worker_gets_more_work_than_slow_one():
+    d = Dispatcher(jobs(30))
+    d.register("fast", 1, 0.0)
+    d.register("slow", 1, 0.0)
+    done = Counter()
+    drain(d)
+    for tick in range(20):
+        # "fast" completes every tick, "slow" every fourth.
+        for worker in ("fast", "slow"):
+            held = list(d.workers[worker].held)
+            if held and (worker == "fast" or tick % 4 == 3):
+                d.complete(held[0], worker, True)
+                done[worker] += 1
+        drain(d)
+    assert done["fast"] >= 3 * done["slow"] > 0
+
+
+def test_late_joiner_is_served_at_once():
+    d = Dispatcher(jobs(10))
+    d.register("a", 2, 0.0)
+    drain(d)
+    d.register("late", 2, 1.0)
+    assert Counter(w for w, _ in drain(d)) == {"late": 2}
+
+
+def test_lost_worker_jobs_go_back_first_and_culprit_gets_a_strike():
+    d = Dispatcher(jobs(5), max_attempts=3)
+    d.register("a", 2, 0.0)
+    held = sorted(j.job_id for _, j in drain(d))
+    d.seen("a", 1.0, busy_job=held[0], busy_s=0.5)
+    lost = d.lose("a", "killed")
+    assert sorted(lost.requeued) == held and lost.failed == ()
+    assert list(d.queue)[:2] == held
+    assert d.jobs[held[0]].strikes == 1 and d.jobs[held[1]].strikes == 0
+    assert d.jobs[held[0]].job.attempt == 2
+    assert d.leased == 0 and d.remaining == 5
+
+
+def test_poison_job_fails_after_max_attempts():
+    d = Dispatcher(jobs(1), max_attempts=2)
+    for attempt in range(2):
+        d.register(f"w{attempt}", 1, 0.0)
+        (worker, job), = drain(d)
+        lost = d.lose(worker, "worker died", culprit=job.job_id)
+    assert lost.failed[0][0] == "j0" and "gave up after 2 attempts" in lost.failed[0][1]
+    assert d.jobs["j0"].status == FAILED and d.remaining == 0
+
+
+def test_duplicate_and_late_completions_count_once():
+    d = Dispatcher(jobs(1))
+    d.register("a", 1, 0.0)
+    drain(d)
+    d.lose("a", "silent")                     # written off, job requeued
+    d.register("b", 1, 1.0)
+    (worker, job), = drain(d)
+    assert worker == "b"
+    assert d.complete("j0", "a", True) == "new"          # the slow one finished after all
+    assert d.complete("j0", "b", True) == "duplicate"    # the redelivered copy
+    assert d.jobs["j0"].status == DONE and d.remaining == 0
+    assert d.workers["b"].free == 1                      # its credit came back
+    assert d.complete("nope", "b", True) == "unknown"
+
+
+def test_reregistering_worker_keeps_its_leases():
+    d = Dispatcher(jobs(3))
+    d.register("a", 2, 0.0)
+    drain(d)
+    d.register("a", 2, 5.0)  # an idle reminder racing a job in flight
+    assert d.leased == 2 and len(d.workers["a"].held) == 2
+
+
+def test_unsend_puts_the_job_back_in_front():
+    d = Dispatcher(jobs(3))
+    d.register("a", 1, 0.0)
+    (worker, job), = drain(d)
+    d.unsend(worker, job.job_id)
+    assert d.queue[0] == job.job_id and d.jobs[job.job_id].status == QUEUED and d.leased == 0
+
+
+def test_silent_and_overdue_workers():
+    d = Dispatcher(jobs(1))
+    d.register("a", 1, 0.0)
+    d.register("b", 1, 0.0)
+    d.seen("b", 9.0, busy_job="j0", busy_s=100.0)
+    assert d.silent_workers(10.0, 5.0) == ["a"]
+    assert d.overdue_workers(60.0) == ["b"]
+    assert d.jobs["j0"].status == QUEUED
+    drain(d)
+    assert LEASED in {s.status for s in d.jobs.values()}

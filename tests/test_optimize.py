@@ -1,0 +1,176 @@
+"""The pyvips core on small generated images: formats, sizes, and the traps."""
+
+import hashlib
+import os
+
+import pytest
+import pyvips
+
+from broker.settings import Settings
+from sidecar.optimize import ImageError, configure_vips, optimize
+
+configure_vips()
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def load(path, **kw):
+    return pyvips.Image.new_from_file(path, **kw)
+
+
+def run(src, out, **settings):
+    return optimize(str(src), str(out), Settings(**settings))
+
+
+@pytest.mark.parametrize("fmt, loader", [
+    ("jpeg", "jpegload"), ("png", "pngload"), ("webp", "webpload"), ("avif", "heifload"), ("tiff", "tiffload"),
+])
+def test_each_output_format_decodes_as_that_format(photo, tmp_path, fmt, loader):
+    src = photo("a.jpg")
+    out = tmp_path / "out" / f"a.{fmt}"
+    result = run(src, out, format=fmt)
+    image = load(str(out))
+    assert image.get("vips-loader") == loader
+    assert (image.width, image.height) == (640, 480) == (result.width, result.height)
+    assert result.format == fmt and result.out_bytes == os.path.getsize(out)
+    image.avg()  # decodes completely
+
+
+@pytest.mark.parametrize("mode, size, expected", [
+    ("width", 320, (320, 240)), ("height", 120, (160, 120)), ("longest", 200, (200, 150)),
+    ("shortest", 240, (320, 240)), ("longest", 5000, (640, 480)),
+])
+def test_resize_modes_keep_aspect_and_never_enlarge(photo, tmp_path, mode, size, expected):
+    src = photo("a.jpg")
+    out = tmp_path / "a.webp"
+    result = run(src, out, format="webp", resize_mode=mode, resize_size=size)
+    assert (result.width, result.height) == expected
+    assert (load(str(out)).width, load(str(out)).height) == expected
+
+
+def test_big_shrink_on_load_still_gives_exact_size(photo, tmp_path):
+    src = photo("big.jpg", width=4000, height=3000)
+    result = run(src, tmp_path / "t.jpg", resize_mode="longest", resize_size=256)
+    assert (result.width, result.height) == (256, 192)
+
+
+def test_exif_orientation_is_applied_then_stripped(photo, tmp_path):
+    src = photo("rot.jpg", width=400, height=300, orientation=6)
+    result = run(src, tmp_path / "a.png", format="png")
+    assert (result.width, result.height) == (300, 400)
+    resized = run(src, tmp_path / "b.jpg", format="jpeg", resize_mode="width", resize_size=150)
+    out = load(str(tmp_path / "b.jpg"))
+    assert (resized.width, resized.height) == (150, 200) == (out.width, out.height)
+    assert not out.get_typeof("orientation") or out.get("orientation") == 1
+
+
+def test_alpha_is_flattened_onto_white_for_jpeg(photo, tmp_path):
+    src = photo("alpha.png", alpha=True)  # left half fully transparent
+    run(src, tmp_path / "a.jpg", format="jpeg")
+    out = load(str(tmp_path / "a.jpg"))
+    assert out.bands == 3
+    assert out.crop(10, 10, 20, 20).avg() > 245        # white, not black
+    webp = tmp_path / "a.webp"
+    run(src, webp, format="webp")
+    assert load(str(webp)).hasalpha()
+
+
+def test_animated_gif_keeps_its_frames_in_webp_and_when_resized(tmp_path):
+    frames = [pyvips.Image.black(40, 30).new_from_image([i * 20, 0, 255 - i * 20]).cast("uchar")
+              for i in range(6)]
+    anim = pyvips.Image.arrayjoin(frames, across=1).copy()
+    anim.set_type(pyvips.GValue.gint_type, "page-height", 30)
+    anim.set_type(pyvips.GValue.array_int_type, "delay", [100] * 6)
+    src = tmp_path / "anim.gif"
+    anim.gifsave(str(src))
+    result = run(src, tmp_path / "anim.webp", format="webp", resize_mode="width", resize_size=20)
+    out = load(str(tmp_path / "anim.webp"), n=-1)
+    assert out.get("n-pages") == 6 and out.get("page-height") == 15 == result.height
+    assert result.width == 20
+
+
+def test_icc_profile_is_converted_to_srgb(photo, tmp_path):
+    src = tmp_path / "p3.jpg"
+    base = load(photo("base.png"))
+    base.icc_transform("p3", embedded=False, input_profile="srgb").jpegsave(str(src), Q=95, keep="icc")
+    assert load(str(src)).get_typeof("icc-profile-data")
+    run(src, tmp_path / "out.jpg", format="jpeg")
+    out = load(str(tmp_path / "out.jpg"))
+    assert not out.get_typeof("icc-profile-data")
+    # Converted back to sRGB the colours are close to the original ones.
+    assert abs(out.avg() - base.avg()) < 4
+
+
+def test_not_smaller_keeps_the_original_bytes_only_when_nothing_else_changed(photo, tmp_path):
+    src = photo("small.jpg", q=40)
+    same = run(src, tmp_path / "same.jpg", quality=100)
+    assert same.kept_original and sha(tmp_path / "same.jpg") == sha(src)
+    converted = run(src, tmp_path / "conv.png", format="png", quality=100)
+    assert not converted.kept_original and load(str(tmp_path / "conv.png")).get("vips-loader") == "pngload"
+
+
+def test_quality_100_is_lossless_for_webp(photo, tmp_path):
+    src = photo("a.png")
+    run(src, tmp_path / "a.webp", format="webp", quality=100)
+    diff = (load(str(tmp_path / "a.webp")) - load(src)).abs().max()
+    assert diff == 0
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"", "empty file"),
+    (b"<!DOCTYPE html><html><body>404</body></html>", "HTML"),
+    (b"just some words", "text"),
+])
+def test_non_images_fail_clearly(tmp_path, content, fragment):
+    src = tmp_path / "x.jpg"
+    src.write_bytes(content)
+    with pytest.raises(ImageError, match=fragment):
+        run(src, tmp_path / "out" / "x.jpg")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_jpeg_fails_and_leaves_no_output(photo, tmp_path):
+    src = photo("t.jpg")
+    data = open(src, "rb").read()
+    open(src, "wb").write(data[: len(data) // 2])
+    before = sha(src)
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        run(src, tmp_path / "out" / "t.webp", format="webp")
+    assert sha(src) == before
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_missing_and_folder_inputs(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        run(tmp_path / "nope.jpg", tmp_path / "o.jpg")
+    (tmp_path / "dir.jpg").mkdir()
+    with pytest.raises(ImageError, match="folder"):
+        run(tmp_path / "dir.jpg", tmp_path / "o.jpg")
+
+
+def test_pixel_limit_is_checked_from_the_header(photo, tmp_path):
+    src = photo("a.jpg")
+    with pytest.raises(ImageError, match="image too large: 640x480"):
+        optimize(src, str(tmp_path / "o.jpg"), Settings(), max_pixels=640 * 480 - 1)
+
+
+def test_output_that_is_the_input_is_refused(photo, tmp_path):
+    src = photo("same.jpg")
+    before = sha(src)
+    twisted = os.path.join(os.path.dirname(src), "..", "in", ".", "same.jpg")
+    for target in (src, twisted):
+        with pytest.raises(ImageError, match="input file itself"):
+            run(src, target)
+    os.link(src, tmp_path / "hardlink.jpg")
+    with pytest.raises(ImageError, match="link to the input"):
+        run(src, tmp_path / "hardlink.jpg")
+    assert sha(src) == before
+
+
+def test_no_temporary_file_is_left_behind(photo, tmp_path):
+    src = photo("a.jpg")
+    out_dir = tmp_path / "out"
+    run(src, out_dir / "a.webp", format="webp")
+    assert os.listdir(out_dir) == ["a.webp"]

@@ -1,0 +1,31 @@
+"""Report rendering: the sections and the unit formats of the original product."""
+
+from broker.metrics import BatchMetrics
+from reporter.render import duration, report, size
+
+
+def test_duration_units():
+    assert duration(0.0421) == "42 ms"
+    assert duration(3.14159) == "3.14 s"
+    assert duration(125) == "2 m 5 s"
+
+
+def test_size_units():
+    assert size(512) == "512 B"
+    assert size(2048) == "2.00 KB"
+    assert size(5 * 1024 ** 2) == "5.00 MB"
+    assert size(3 * 1024 ** 3) == "3.00 GB"
+
+
+def test_report_has_every_section_and_the_failures():
+    m = BatchMetrics("abc", total=2)
+    m.record_success("host-1", 0.2, 2000, 1000, "webp", False, {"decode": 0.1})
+    m.record_failure("j2", "/in/bad.jpg", "not an image: the file contains HTML", "host-2", 0.01)
+    m.finish("done")
+    text = report(m.snapshot())
+    for heading in ("Time", "Worker pool", "Batch", "Optimization", "Failures (1)"):
+        assert f"\n{heading}" in text
+    assert "Total workers:         2" in text
+    assert "/in/bad.jpg: not an image: the file contains HTML" in text
+    assert "host-1" in text and "host-2" in text
+    assert "webp:" in text

@@ -1,0 +1,57 @@
+"""The protocol module: round trips and every way a message can be wrong."""
+
+import orjson
+import pytest
+
+from broker import wire
+
+
+def test_every_kind_round_trips():
+    messages = [
+        wire.Ready("h-1", "h", 1, 2),
+        wire.Job("j1", "b1", "/in/a.jpg", "/out/a.webp", {"format": "webp"}, attempt=2, max_pixels=10),
+        wire.Done("j1", "b1", "h-1", True, None, 10, 5, 4, 3, "webp", False, 0.5, {"decode": 0.1}),
+        wire.Heartbeat("h-1", "j1", 1.5),
+        wire.Bye("h-1", "stopping"),
+        wire.Progress("b1", 10, 3, 1, 2, 2, 1.0),
+        wire.Metrics("b1", True, {"tasks": {"total": 1}}),
+    ]
+    for msg in messages:
+        frames = wire.encode(msg)
+        assert frames[0] == msg.KIND
+        assert orjson.loads(frames[1])["v"] == wire.VERSION
+        assert wire.decode(frames) == msg
+
+
+def test_optional_fields_take_defaults():
+    frames = [b"done", orjson.dumps({"v": 1, "job_id": "j", "batch_id": "b", "worker_id": "w", "ok": False})]
+    msg = wire.decode(frames)
+    assert msg.error is None and msg.timings == {} and msg.out_bytes == 0
+
+
+@pytest.mark.parametrize("frames, fragment", [
+    ([b"done"], "expected 2 frames"),
+    ([b"done", b"{}", b"x"], "expected 2 frames"),
+    ([b"nope", b"{}"], "unexpected message kind"),
+    ([b"ready", b"not json"], "not JSON"),
+    ([b"ready", b"[1, 2]"], "not an object"),
+    ([b"ready", orjson.dumps({"v": 2, "worker_id": "w", "host": "h", "pid": 1, "credit": 1})], "version"),
+    ([b"ready", orjson.dumps({"v": 1, "worker_id": "w", "host": "h", "pid": 1})], "missing field 'credit'"),
+    ([b"ready", orjson.dumps({"v": 1, "worker_id": 5, "host": "h", "pid": 1, "credit": 1})], "'worker_id'"),
+    ([b"ready", orjson.dumps({"v": 1, "worker_id": "w", "host": "h", "pid": 1, "credit": True})], "'credit'"),
+    ([b"done", orjson.dumps({"v": 1, "job_id": "j", "batch_id": "b", "worker_id": "w", "ok": 1})], "'ok'"),
+])
+def test_malformed_messages_raise_wire_error(frames, fragment):
+    with pytest.raises(wire.WireError, match=fragment):
+        wire.decode(frames)
+
+
+def test_receiver_limits_accepted_kinds():
+    frames = wire.encode(wire.Heartbeat("w"))
+    with pytest.raises(wire.WireError, match="unexpected message kind"):
+        wire.decode(frames, (wire.Job,))
+
+
+def test_float_fields_accept_integers():
+    body = {"v": 1, "worker_id": "w", "busy_job": None, "busy_s": 3}
+    assert wire.decode([b"heartbeat", orjson.dumps(body)]).busy_s == 3
