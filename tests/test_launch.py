@@ -1,0 +1,121 @@
+"""End to end through launch.py: real processes, real sockets, real pyvips."""
+
+import json
+import os
+
+import pyvips
+import pytest
+
+from conftest import make_photo, run_launch
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(6):
+        make_photo(str(src / f"good{i}.jpg"), 800 + 16 * i, 600)
+    (src / "nested").mkdir()
+    make_photo(str(src / "nested" / "deep.png"), 500, 500)
+    (src / "text.jpg").write_text("this is a text file, not a photo\n")
+    whole = (src / "good0.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
+    (src / "zero.jpg").write_bytes(b"")
+    (src / "README.txt").write_text("not an image and not named like one")
+    return src
+
+
+def test_mixed_batch_reports_failures_and_finishes_the_rest(mixed_folder, tmp_path):
+    out, report, results = tmp_path / "out", tmp_path / "r.json", tmp_path / "res.jsonl"
+    proc = run_launch([mixed_folder, "-o", out, "--workers", 2, "--format", "webp", "--resize", "longest:400",
+                       "--report-json", report, "--results-jsonl", results, "--log-dir", tmp_path / "logs"])
+    assert proc.returncode == 1, proc.stderr
+    r = json.loads(report.read_text())
+    lines = read_jsonl(results)
+    assert r["tasks"]["total"] == 10 == len(lines)
+    assert (r["tasks"]["completed"], r["tasks"]["failed"]) == (7, 3)
+    errors = {os.path.basename(l["input"]): l["error"] for l in lines if not l["ok"]}
+    assert "not an image" in errors["text.jpg"]
+    assert "corrupt or truncated" in errors["truncated.jpg"]
+    assert "empty file" in errors["zero.jpg"]
+    # The console report lists every failure with its file.
+    for name in errors:
+        assert name in proc.stdout
+    # Outputs: decodable WebP at the right size; byte totals are the files' real sizes.
+    total_out = 0
+    for line in lines:
+        if line["ok"]:
+            image = pyvips.Image.new_from_file(line["output"])
+            assert image.get("vips-loader") == "webpload"
+            assert max(image.width, image.height) == 400 == max(line["width"], line["height"])
+            total_out += os.path.getsize(line["output"])
+        else:
+            assert not os.path.exists(line["output"])
+    assert r["bytes"]["out"] == total_out
+    assert r["bytes"]["in"] == sum(os.path.getsize(l["input"]) for l in lines if l["ok"])
+    assert os.path.isfile(out / "nested" / "deep.webp")
+    # Tasks per worker come from completions and add up to the jobs workers did.
+    per = r["workers"]["per_worker"]
+    assert r["workers"]["total"] == 2 == len({p["id"] for p in per})
+    assert sum(p["tasks"] for p in per) == 10
+    assert {l["worker_id"] for l in lines} == {p["id"] for p in per}
+    # Inputs untouched, no temporary files anywhere in the output tree.
+    assert (mixed_folder / "zero.jpg").read_bytes() == b""
+    assert not [f for _, _, files in os.walk(out) for f in files if "imgbus-tmp" in f]
+    # One JSON-lines log per process, each line carrying the component.
+    logs = os.listdir(tmp_path / "logs")
+    assert {name.split("-")[0] for name in logs} == {"launch", "broker", "sidecar", "reporter"}
+    sidecar_log = next(n for n in logs if n.startswith("sidecar"))
+    record = json.loads(open(tmp_path / "logs" / sidecar_log).readline())["record"]
+    assert record["extra"]["component"] == "sidecar" and record["extra"]["worker_id"]
+
+
+def test_all_good_exits_zero_and_prints_every_section(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        make_photo(str(src / f"p{i}.jpg"), 300, 200)
+    proc = run_launch([src, "-o", tmp_path / "out", "--workers", 2, "--log-dir", tmp_path / "logs"])
+    assert proc.returncode == 0, proc.stderr
+    for heading in ("Time", "Worker pool", "Batch", "Optimization"):
+        assert f"\n{heading}\n" in proc.stdout
+    assert "Completed/total:       4/4" in proc.stdout
+
+
+def test_output_folder_inside_the_input_folder(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    make_photo(str(src / "a.jpg"))
+    for _ in range(2):  # the second run must not pick up the first run's outputs
+        proc = run_launch([src, "-o", src / "optimized", "--workers", 1, "--results-jsonl", tmp_path / "r.jsonl",
+                           "--log-dir", tmp_path / "logs"])
+        assert proc.returncode == 0, proc.stderr
+        assert len(read_jsonl(tmp_path / "r.jsonl")) == 1
+    assert os.listdir(src / "optimized") == ["a.jpg"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--format", "bmp"], "invalid choice: 'bmp'"),
+    (["--quality", "0"], "quality must be an integer from 1 to 100"),
+    (["/no/such/folder"], "input not found: /no/such/folder"),
+    (["--resize", "longest"], "MODE:SIZE"),
+    (["--workers", "0"], "at least 1"),
+])
+def test_bad_usage_is_one_clear_line_and_exit_2(tmp_path, args, fragment):
+    proc = run_launch([*args, "--log-dir", tmp_path / "logs"], timeout=30)
+    assert proc.returncode == 2
+    assert fragment in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_default_run_uses_the_shipped_samples(tmp_path):
+    proc = run_launch(["--workers", 2, "--log-dir", tmp_path / "logs", "--results-jsonl", tmp_path / "r.jsonl"],
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = read_jsonl(tmp_path / "r.jsonl")
+    assert len(lines) >= 5 and all(l["ok"] for l in lines)
+    assert all(l["output"].startswith(str(tmp_path / "out")) for l in lines)
