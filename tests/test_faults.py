@@ -1,0 +1,65 @@
+"""Fault injection with real processes: interrupts and jobs that hang workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, make_photo, processes_matching
+
+
+def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(40):
+        make_photo(str(src / f"p{i:02d}.jpg"), 2400, 1800)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), src, "-o", out, "--workers", "2",
+                             "--format", "png", "--quality", "100", "--report-json", tmp_path / "r.json",
+                             "--results-jsonl", tmp_path / "res.jsonl", "--log-dir", tmp_path / "logs"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "res.jsonl").exists() or len((tmp_path / "res.jsonl").read_text().splitlines()) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["state"] == "interrupted"
+    done = r["tasks"]["completed"] + r["tasks"]["failed"]
+    assert 2 <= done < 40 and r["tasks"]["failed"] == 0
+    assert len(r["unfinished"]) == 40 - done
+    assert "(interrupted)" in stdout and "Not finished" in stdout
+    # Every finished job has its output; nothing half-written; no process left.
+    files = [f for _, _, fs in os.walk(out) for f in fs]
+    assert len(files) == done and not [f for f in files if "imgbus-tmp" in f]
+    assert processes_matching(f"--parent-pid {proc.pid}") == []
+
+
+def test_a_job_that_hangs_workers_is_retried_then_failed(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    make_photo(str(src / "huge.jpg"), 6000, 6000)     # far slower than the timeout below
+    for i in range(4):
+        make_photo(str(src / f"small{i}.jpg"), 200, 150)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), src, "-o", tmp_path / "out",
+                           "--workers", "2", "--format", "png", "--quality", "100", "--job-timeout", "0.5",
+                           "--max-attempts", "2", "--report-json", tmp_path / "r.json",
+                           "--log-dir", tmp_path / "logs"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["tasks"]["completed"], r["tasks"]["failed"]) == (4, 1)
+    failure, = r["failures"]
+    assert failure["input"].endswith("huge.jpg")
+    assert "gave up after 2 attempts" in failure["error"] and "--job-timeout" in failure["error"]
+    assert r["tasks"]["redelivered"] >= 1
+    # The launcher replaced the workers that gave up, so the pool kept going.
+    assert "starting a new one" in proc.stderr
+    assert not os.path.exists(tmp_path / "out" / "huge.png")

@@ -1,0 +1,159 @@
+"""Each component started on its own over TCP loopback, in awkward orders."""
+
+import json
+import os
+import time
+
+import zmq
+
+from conftest import make_photo, start, stop, tcp_endpoints
+
+
+def folder_of_photos(root, n, size=(400, 300)):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        make_photo(str(root / f"p{i:02d}.jpg"), *size)
+    return root
+
+
+def broker_cmd(ep, src, out, tmp_path, *extra):
+    return ["broker", src, "-o", out, "--jobs-endpoint", ep["jobs"], "--results-endpoint", ep["results"],
+            "--metrics-endpoint", ep["metrics"], "--report-json", tmp_path / "r.json",
+            "--results-jsonl", tmp_path / "res.jsonl", "--log-dir", tmp_path / "logs", "--linger", 3, *extra]
+
+
+def sidecar(ep, tmp_path, *extra):
+    return start("sidecar", "--connect", ep["jobs"], "--results", ep["results"], "--log-dir", tmp_path / "logs",
+                 *extra)
+
+
+def test_workers_first_reporter_late(tmp_path):
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 12)
+    procs = [sidecar(ep, tmp_path) for _ in range(2)]
+    try:
+        time.sleep(1.0)  # workers wait for a broker that is not there yet
+        broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--min-workers", 2, "--linger", 10))
+        procs.append(broker)
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "r.json").exists():  # the batch is over...
+            assert time.monotonic() < deadline and broker.poll() is None
+            time.sleep(0.05)
+        # ...but the broker lingers with its final snapshot: a reporter
+        # started only now still prints the complete report.
+        reporter = start("reporter", "--connect", ep["metrics"], "--log-dir", tmp_path / "logs",
+                         stdout=-1, stderr=-1, text=True)
+        procs.append(reporter)
+        out, _ = reporter.communicate(timeout=30)
+        assert reporter.returncode == 0
+        assert "Completed/total:       12/12" in out
+        r = json.loads((tmp_path / "r.json").read_text())
+        assert r["workers"]["total"] == 2 and sum(w["tasks"] for w in r["workers"]["per_worker"]) == 12
+        assert len(os.listdir(tmp_path / "out")) == 12
+        assert broker.wait(15) == 0
+    finally:
+        stop(*procs)
+
+
+def test_workers_started_half_a_second_apart_all_get_a_share(tmp_path):
+    """40 small images finish in about a second: the broker waits for the pool it was told about."""
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 40, (640, 480))
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--resize", "longest:320",
+                               "--format", "webp", "--min-workers", 4))
+    workers = []
+    try:
+        for _ in range(4):
+            workers.append(sidecar(ep, tmp_path))
+            time.sleep(0.5)
+        assert broker.wait(120) == 0
+        per = json.loads((tmp_path / "r.json").read_text())["workers"]["per_worker"]
+        tasks = [w["tasks"] for w in per]
+        assert len(tasks) == 4 and sum(tasks) == 40
+        assert min(tasks) > 0 and max(tasks) <= 20, tasks
+    finally:
+        stop(broker, *workers)
+
+
+def test_worker_joining_mid_batch_is_served_at_once(tmp_path):
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 16, (2400, 1800))
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--format", "png", "--quality", 100))
+    workers = [sidecar(ep, tmp_path, "--credit", 1)]
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "res.jsonl").exists() or not (tmp_path / "res.jsonl").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        workers.append(sidecar(ep, tmp_path, "--credit", 1))   # the batch is already running
+        assert broker.wait(120) == 0
+        lines = [json.loads(l) for l in open(tmp_path / "res.jsonl")]
+        late = workers[1].pid
+        late_jobs = [l for l in lines if l["worker_id"].endswith(f"-{late}")]
+        assert len(late_jobs) >= 3, [l["worker_id"] for l in lines]
+    finally:
+        stop(broker, *workers)
+
+
+def test_garbage_on_every_broker_socket_changes_no_count(tmp_path):
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 6)
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path))
+    worker = None
+    try:
+        with zmq.Context() as ctx:
+            socks = []
+            for name, kind in (("jobs", zmq.DEALER), ("results", zmq.PUSH), ("metrics", zmq.SUB)):
+                s = ctx.socket(kind)
+                s.linger = 0
+                s.connect(ep[name])
+                socks.append(s)
+            dealer, push, _ = socks
+            garbage = [[b"x"], [b"job", b"{"], [b"ready", b"[]"], [b"done", b'{"v":1}'],
+                       [b"done", b'{"v":1,"job_id":"j000001","batch_id":"nope","worker_id":"w","ok":true}'],
+                       [b"bye", b'{"v":1,"worker_id":5,"reason":"x"}'], [os.urandom(64)], [b"\0" * 10, b"z", b"z"]]
+            for frames in garbage:
+                dealer.send_multipart(frames)
+                push.send_multipart(frames)
+            # A forged ready under someone else's id is refused too.
+            dealer.send_multipart([b"ready", b'{"v":1,"worker_id":"evil","host":"h","pid":1,"credit":9}'])
+            # Oversized message: refused by the socket's size limit.
+            push.send_multipart([b"done", b"x" * (5 * 1024 * 1024)])
+            time.sleep(0.5)
+            for s in socks:
+                s.close()
+        worker = sidecar(ep, tmp_path)
+        assert broker.wait(60) == 0
+        r = json.loads((tmp_path / "r.json").read_text())
+        assert (r["tasks"]["total"], r["tasks"]["completed"], r["tasks"]["failed"]) == (6, 6, 0)
+        assert r["workers"]["total"] == 1
+        log = "".join(open(tmp_path / "logs" / n).read() for n in os.listdir(tmp_path / "logs") if n.startswith("broker"))
+        assert "dropped a malformed message" in log
+    finally:
+        stop(broker, *(p for p in [worker] if p))
+
+
+def test_broker_aborts_when_every_worker_is_gone(tmp_path):
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 30, (2000, 1500))
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--no-worker-timeout", 3,
+                               "--heartbeat-timeout", 2, "--format", "png", "--quality", 100))
+    worker = sidecar(ep, tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(tmp_path / "res.jsonl") or os.path.getsize(tmp_path / "res.jsonl") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        worker.kill()
+        worker.wait()
+        t0 = time.monotonic()
+        code = broker.wait(30)
+        assert code == 1
+        assert time.monotonic() - t0 < 15
+        r = json.loads((tmp_path / "r.json").read_text())
+        assert r["state"] == "aborted"
+        assert r["tasks"]["completed"] + r["tasks"]["failed"] == 30
+        assert any("no live worker" in f["error"] for f in r["failures"])
+        assert r["workers"]["dead"] == [r["workers"]["per_worker"][0]["id"]]
+    finally:
+        stop(broker, worker)
