@@ -63,3 +63,35 @@ def test_a_job_that_hangs_workers_is_retried_then_failed(tmp_path):
     # The launcher replaced the workers that gave up, so the pool kept going.
     assert "starting a new one" in proc.stderr
     assert not os.path.exists(tmp_path / "out" / "huge.png")
+
+
+def test_all_workers_killed_under_the_launcher_ends_with_an_error(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(20):
+        make_photo(str(src / f"p{i:02d}.jpg"), 2400, 1800)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), src, "-o", tmp_path / "out",
+                             "--workers", "2", "--format", "png", "--quality", "100", "--no-worker-timeout", "2",
+                             "--report-json", tmp_path / "r.json", "--results-jsonl", tmp_path / "res.jsonl",
+                             "--log-dir", tmp_path / "logs"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "res.jsonl").exists() or not (tmp_path / "res.jsonl").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        for pid in processes_matching(f"-m sidecar"):
+            if f"--parent-pid {proc.pid}" in open(f"/proc/{pid}/cmdline").read().replace("\0", " "):
+                os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        assert time.monotonic() - killed_at < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["state"] == "aborted" and len(r["workers"]["dead"]) == 2
+    assert r["tasks"]["completed"] + r["tasks"]["failed"] == 20
+    assert "no live worker" in stdout
+    assert processes_matching(f"--parent-pid {proc.pid}") == []

@@ -119,3 +119,21 @@ def test_default_run_uses_the_shipped_samples(tmp_path):
     lines = read_jsonl(tmp_path / "r.jsonl")
     assert len(lines) >= 5 and all(l["ok"] for l in lines)
     assert all(l["output"].startswith(str(tmp_path / "out")) for l in lines)
+
+
+def test_rerun_with_skip_existing_skips_finished_outputs(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        make_photo(str(src / f"p{i}.jpg"), 300, 200)
+    common = [src, "-o", tmp_path / "out", "--workers", 1, "--format", "webp", "--log-dir", tmp_path / "logs"]
+    assert run_launch(common).returncode == 0
+    os.remove(tmp_path / "out" / "p1.webp")
+    proc = run_launch([*common, "--skip-existing", "--report-json", tmp_path / "r.json",
+                       "--results-jsonl", tmp_path / "res.jsonl"])
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["tasks"]["total"], r["tasks"]["completed"], r["tasks"]["skipped"]) == (3, 1, 2)
+    lines = {os.path.basename(l["input"]): l for l in read_jsonl(tmp_path / "res.jsonl")}
+    assert lines["p0.jpg"]["skipped"] and lines["p2.jpg"]["skipped"] and not lines["p1.jpg"].get("skipped")
+    assert "skipped 2" in proc.stdout
