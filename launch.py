@@ -47,6 +47,8 @@ def build_parser():
                    help="give up when no worker has been alive this long (default: %(default)s)")
     p.add_argument("--grace", type=float, default=10.0, metavar="S",
                    help="on Ctrl-C, wait this long for images in flight (default: %(default)s)")
+    p.add_argument("--noop", action="store_true",
+                   help="benchmark mode: workers acknowledge jobs without image work")
     p.set_defaults(log_level="WARNING")
     return p
 
@@ -89,7 +91,8 @@ class Launcher:
         worker = self._start("sidecar", "--connect", self.endpoints["jobs"],
                              "--results", self.endpoints["results"], "--credit", str(a.credit),
                              "--job-timeout", str(a.job_timeout), "--vips-threads", str(self.vips_threads),
-                             "--log-dir", a.log_dir, "--log-level", a.log_level)
+                             "--log-dir", a.log_dir, "--log-level", a.log_level,
+                             *(["--noop"] if a.noop else []))
         self.workers.append(worker)
         return worker
 
@@ -104,7 +107,9 @@ class Launcher:
                 _signal(self.broker, signal.SIGTERM)
             self._replace_crashed_workers()
             if self.reporter.poll() is not None and self.broker.poll() is None:
-                _signal(self.broker, signal.SIGTERM)  # report printed: end the broker's linger
+                # Report printed: end the broker's linger, and let the workers go.
+                for proc in [self.broker, *self.workers]:
+                    _signal(proc, signal.SIGTERM)
             if self.broker.poll() is not None:
                 break
             time.sleep(0.1)

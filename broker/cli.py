@@ -37,6 +37,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality", type=int, default=90, metavar="Q", help="quality 1-100; 100 = lossless")
     for fmt in QUALITY_FORMATS:
         p.add_argument(f"--quality-{fmt}", type=int, metavar="Q", help=f"quality for {fmt} output")
+    p.add_argument("--png-compression", type=int, metavar="0-9",
+                   help="zlib level for PNG output (default: 7, or 9 at quality 100)")
     p.add_argument("--resize", default="none", metavar="MODE:SIZE",
                    help="none | width:N | height:N | longest:N | shortest:N (never enlarges)")
     p.add_argument("--report-json", metavar="FILE", help="write the final report as JSON")
@@ -77,6 +79,7 @@ def settings_from_args(args) -> Settings:
             quality=args.quality,
             **{f"quality_{fmt}": getattr(args, f"quality_{fmt}") for fmt in QUALITY_FORMATS},
             **parse_resize(args.resize),
+            png_compression=args.png_compression,
         )
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
@@ -128,7 +131,7 @@ def batch_argv(args) -> list[str]:
     """The batch flags of ``args`` again, as a command line for ``python -m broker``."""
     argv = list(args.inputs)
     for name in ("output", "jobs", "format", "quality", *(f"quality_{f}" for f in QUALITY_FORMATS),
-                 "resize", "report_json", "results_jsonl", "log_dir", "log_level", "max_pixels",
+                 "resize", "png_compression", "report_json", "results_jsonl", "log_dir", "log_level", "max_pixels",
                  "max_attempts", "job_timeout"):
         value = getattr(args, name)
         if value is not None:

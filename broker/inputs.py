@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from broker import wire
-from broker.paths import TEMP_SUFFIX, PathError, check_output_path, is_within
+from broker.paths import TEMP_SUFFIX, FolderCache, PathError, check_output_path, is_within
 from broker.settings import EXTENSIONS, Settings, SettingsError, output_format
 from broker.sniff import HEAD_BYTES, IMAGE_EXTENSIONS, image_format
 from broker.wire import Job
@@ -82,6 +82,7 @@ class Planner:
         self.plan = Plan([], [], [])
         self._ids: set[str] = set()
         self._outputs: set[str] = set()
+        self._resolve = FolderCache()
 
     # -- sources -------------------------------------------------------
     def add_inputs(self, inputs: list[str]) -> None:
@@ -151,7 +152,7 @@ class Planner:
              derived: bool = False) -> None:
         root = self.output_root if (self.confine_outputs or derived) else None
         try:
-            check_output_path(input_path, output, root)
+            check_output_path(input_path, output, root, self._resolve)
         except PathError as exc:
             return self._reject(job_id, input_path, output, str(exc))
         self._ids.add(job_id)

@@ -105,6 +105,7 @@ class Broker:
         stats.state = "live"
         self.first_ready = self.first_ready or now
         self.last_worker_seen = now
+        self.open_gate(now)
 
     def handle_heartbeat(self, msg: wire.Heartbeat, now: float) -> None:
         if self.dispatcher.seen(msg.worker_id, now, msg.busy_job, msg.busy_s):
@@ -151,6 +152,11 @@ class Broker:
             self._lose(worker_id, f"job ran past --job-timeout {cfg.job_timeout_s:g} s on {worker_id}")
         if self.dispatcher.workers:
             self.last_worker_seen = now
+        self.open_gate(now)
+
+    def open_gate(self, now: float) -> None:
+        """Start dispatching once the expected pool is here (or waited for long enough)."""
+        cfg = self.config
         if not self.dispatching and self.first_ready is not None and (
             len(self.dispatcher.workers) >= cfg.min_workers or now - self.first_ready >= cfg.ready_wait_s
         ):

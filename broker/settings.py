@@ -49,6 +49,8 @@ class Settings:
     quality_avif: int | None = None
     resize_mode: str = "none"
     resize_size: int = 0
+    # zlib level for PNG output; None: 7 (9 when lossless).
+    png_compression: int | None = None
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -58,6 +60,9 @@ class Settings:
             value = getattr(self, f"quality_{fmt}")
             if value is not None:
                 _quality_value(f"quality.{fmt}", value)
+        level = self.png_compression
+        if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9):
+            raise SettingsError(f"png_compression must be an integer from 0 to 9, got {level!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise SettingsError(
                 f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}"
@@ -77,11 +82,14 @@ class Settings:
             value = getattr(self, f"quality_{fmt}")
             if value is not None:
                 quality[fmt] = value
-        return {
+        data = {
             "format": self.format,
             "quality": quality,
             "resize": {"mode": self.resize_mode, "size": self.resize_size},
         }
+        if self.png_compression is not None:
+            data["png_compression"] = self.png_compression
+        return data
 
     def merged(self, overrides: dict) -> Settings:
         """These settings with a batch line's or a job's ``settings`` applied."""
@@ -94,6 +102,8 @@ class Settings:
             changes.update(_quality_changes(overrides["quality"]))
         if "resize" in overrides:
             changes.update(_resize_changes(overrides["resize"]))
+        if "png_compression" in overrides:
+            changes["png_compression"] = overrides["png_compression"]
         return replace(self, **changes) if changes else self
 
     @classmethod

@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit (and let the job be retried) when one image takes longer")
     p.add_argument("--vips-threads", type=int, default=1,
                    help="libvips threads in this worker (default: 1; workers x threads ~ cores)")
+    p.add_argument("--noop", action="store_true",
+                   help="benchmark mode: acknowledge jobs without touching any file")
     p.add_argument("--log-dir", default="logs", metavar="DIR")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     config = WorkerConfig(worker_id, args.connect, results, credit=args.credit,
-                          job_timeout_s=args.job_timeout)
+                          job_timeout_s=args.job_timeout, noop=args.noop)
     stop = common.StopFlag(args.parent_pid).install()
     try:
         return run(config, stop)

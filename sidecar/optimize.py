@@ -70,7 +70,7 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
     image = reshape(image, upright, settings, out_format)
     clock = _lap(timings, "resize", clock)
 
-    encoded = encode(image, out_format, settings.quality_for(out_format))
+    encoded = encode(image, out_format, settings)
     clock = _lap(timings, "encode", clock)
 
     width, height = image.width, _page_height(image)
@@ -192,16 +192,19 @@ def _resize_one(image, target: tuple[int, int]):
     return image.resize(hscale, vscale=vscale, kernel="lanczos3")
 
 
-def encode(image, fmt: str, quality: int) -> bytes:
+def encode(image, fmt: str, settings: Settings) -> bytes:
+    quality = settings.quality_for(fmt)
     lossless = quality == 100
     try:
         if fmt == "jpeg":
             return image.jpegsave_buffer(Q=quality, optimize_coding=True, keep="none",
                                          subsample_mode="off" if lossless else "on")
         if fmt == "png":
+            level = settings.png_compression
             if lossless:
-                return image.pngsave_buffer(compression=9, keep="none")
-            return image.pngsave_buffer(compression=7, palette=True, Q=quality, keep="none")
+                return image.pngsave_buffer(compression=9 if level is None else level, keep="none")
+            return image.pngsave_buffer(compression=7 if level is None else level, palette=True,
+                                        Q=quality, keep="none")
         if fmt == "webp":
             return image.webpsave_buffer(Q=quality, lossless=lossless, effort=4, keep="none")
         if fmt == "avif":

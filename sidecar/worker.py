@@ -14,6 +14,7 @@ after repeated strikes, fails) the job, and the launcher starts a new worker.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -31,6 +32,7 @@ from sidecar.optimize import ImageError, configure_vips, optimize
 EXIT_JOB_TIMEOUT = 75
 POLL_MS = 200
 SEND_TIMEOUT_MS = 10_000
+BYE_LINGER_MS = 200
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,33 @@ class WorkerConfig:
     job_timeout_s: float = 120.0
     heartbeat_s: float = 1.0
     idle_ready_s: float = 2.0
+    noop: bool = False  # benchmark mode: acknowledge jobs without image work
+
+
+class Credit:
+    """How many jobs to ask for: enough queued work to cover a round trip.
+
+    Image jobs take milliseconds, so the configured credit (2: one running,
+    one waiting) keeps the pipe full without hoarding. Jobs of microseconds
+    (a no-op benchmark, tiny thumbnails) need a deeper queue or the worker
+    idles between jobs; the credit grows up to MAX, in proportion.
+    """
+
+    MAX = 64
+    QUEUED_WORK_S = 0.002
+
+    def __init__(self, base: int):
+        self.base = self.value = base
+        self.avg_s: float | None = None
+
+    def update(self, elapsed_s: float) -> bool:
+        """Fold in one job's time; True when the credit should be re-announced."""
+        self.avg_s = elapsed_s if self.avg_s is None else 0.9 * self.avg_s + 0.1 * elapsed_s
+        wanted = min(self.MAX, max(self.base, 1 + math.ceil(self.QUEUED_WORK_S / max(self.avg_s, 1e-6))))
+        if wanted >= 2 * self.value or wanted <= self.value // 2:
+            self.value = wanted
+            return True
+        return False
 
 
 class Busy:
@@ -126,6 +155,8 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
             try:
                 _serve(dealer, push, config, busy, stop)
             finally:
+                # A short linger for the bye: the broker may already be gone.
+                push.linger = BYE_LINGER_MS
                 _send(push, wire.Bye(config.worker_id, "stopping"))
                 beating.set()
                 heart.join(2)
@@ -133,16 +164,19 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
 
 
 def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> None:
-    ready = wire.encode(wire.Ready(config.worker_id, socket.gethostname(), os.getpid(), config.credit))
-    dealer.send_multipart(ready)
+    credit = Credit(config.credit)
+
+    def announce():
+        _send(dealer, wire.Ready(config.worker_id, socket.gethostname(), os.getpid(), credit.value))
+
+    announce()
     last_job = time.monotonic()
     handled = 0
     while not stop and not stop.parent_gone():
         if not dealer.poll(POLL_MS):
             if time.monotonic() - last_job >= config.idle_ready_s:
                 # Idle: remind the broker we are here (it may have written us off).
-                _send(dealer, wire.Ready(config.worker_id, socket.gethostname(), os.getpid(),
-                                         config.credit))
+                announce()
                 last_job = time.monotonic()
             continue
         try:
@@ -150,8 +184,12 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
         except wire.WireError as exc:
             logger.warning("dropped a malformed message: {}", exc)
             continue
-        busy.job = (job.job_id, time.monotonic())
-        done = process(job, config.worker_id)
+        started = time.monotonic()
+        busy.job = (job.job_id, started)
+        if config.noop:
+            done = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none")
+        else:
+            done = process(job, config.worker_id)
         busy.job = None
         try:
             push.send_multipart(wire.encode(done))
@@ -159,5 +197,7 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
             logger.error("broker unreachable: completion of {} not delivered", job.job_id)
         handled += 1
         last_job = time.monotonic()
+        if credit.update(last_job - started):
+            announce()
     logger.info("worker {} stopping after {} jobs ({})", config.worker_id, handled,
                 stop.signal_name or "launcher exited")

@@ -79,3 +79,10 @@ def test_output_format_for_original():
     assert output_format("original", "gif") == "gif"
     assert output_format("original", "heif") == "jpeg"   # no HEVC encoder
     assert output_format("webp", "png") == "webp"
+
+
+def test_png_compression_is_validated_and_carried():
+    s = Settings.from_dict({"png_compression": 6})
+    assert s.png_compression == 6 and Settings.from_dict(s.to_dict()) == s
+    with pytest.raises(SettingsError, match="png_compression"):
+        Settings(png_compression=10)
