@@ -86,9 +86,21 @@ class Launcher:
         self.reporter = self._start("reporter", "--connect", self.endpoints["metrics"],
                                     "--log-dir", a.log_dir, "--log-level", a.log_level)
 
+    def confinement(self) -> list[str]:
+        """The folders the workers may touch: the inputs and the output folder.
+
+        A batch file names its files itself, so its workers are not confined;
+        the launcher's sockets are private (ipc in a 0700 folder) either way.
+        """
+        a = self.args
+        if a.jobs:
+            return ["--input-root", "/", "--output-root", "/"]
+        roots = [arg for path in a.inputs for arg in ("--input-root", os.path.abspath(path))]
+        return roots + ["--output-root", os.path.abspath(a.output or "out")]
+
     def start_worker(self) -> subprocess.Popen:
         a = self.args
-        worker = self._start("sidecar", "--connect", self.endpoints["jobs"],
+        worker = self._start("sidecar", "--connect", self.endpoints["jobs"], *self.confinement(),
                              "--results", self.endpoints["results"], "--credit", str(a.credit),
                              "--job-timeout", str(a.job_timeout), "--vips-threads", str(self.vips_threads),
                              "--log-dir", a.log_dir, "--log-level", a.log_level,
@@ -99,6 +111,7 @@ class Launcher:
     def supervise(self, stop: common.StopFlag) -> int:
         """Wait for the batch; return the exit status."""
         forwarded = 0
+        released = False
         while True:
             if stop.count > forwarded:
                 # First Ctrl-C: the broker stops dispatching and finishes what is
@@ -106,8 +119,11 @@ class Launcher:
                 forwarded = stop.count
                 _signal(self.broker, signal.SIGTERM)
             self._replace_crashed_workers()
-            if self.reporter.poll() is not None and self.broker.poll() is None:
+            if not released and self.reporter.poll() is not None:
                 # Report printed: end the broker's linger, and let the workers go.
+                # Once only: a second signal could land after the interpreter has
+                # put back the default handlers on its way out.
+                released = True
                 for proc in [self.broker, *self.workers]:
                     _signal(proc, signal.SIGTERM)
             if self.broker.poll() is not None:

@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         logger.exception("broker failed")
         return 3
+    finally:
+        stop.settle()
 
 
 if __name__ == "__main__":

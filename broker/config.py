@@ -108,6 +108,12 @@ class StopFlag:
         signal.signal(signal.SIGTERM, handler)
         return self
 
+    def settle(self) -> None:
+        """The work is over: a late stop signal must not turn a clean exit into a
+        death by signal (the interpreter puts default handlers back on its way out)."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     def parent_gone(self) -> bool:
         """True once the launcher that started us has died (we were re-parented)."""
         return self.parent_pid is not None and os.getppid() != self.parent_pid

@@ -52,6 +52,13 @@ def check_output_path(input_path: str, output_path: str, output_root: str | None
         raise PathError(f"output path {output_path} is outside the output folder {output_root}")
 
 
+def check_confined(path: str, roots: tuple[str, ...], what: str) -> None:
+    """Raise PathError unless ``path`` (links resolved) lies under one of ``roots``."""
+    real = os.path.realpath(path)
+    if not any(is_within(real, os.path.realpath(root)) for root in roots):
+        raise PathError(f"{what} path {path} is outside this worker's {what} folders; refused")
+
+
 def is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
@@ -69,7 +76,7 @@ def write_atomically(output_path: str, data: bytes, tag: str) -> None:
     os.makedirs(folder, exist_ok=True)
     tmp = temp_path_for(output_path, tag)
     try:
-        with open(tmp, "wb") as f:
+        with _create_exclusive(tmp) as f:
             f.write(data)
         os.replace(tmp, output_path)
     except BaseException:
@@ -78,6 +85,17 @@ def write_atomically(output_path: str, data: bytes, tag: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _create_exclusive(path: str):
+    """A new file that is really new: never follow a link planted at ``path``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        os.unlink(path)  # our own leftover from an attempt that was killed
+        fd = os.open(path, flags, 0o644)
+    return os.fdopen(fd, "wb")
 
 
 def sweep_temp_files(output_paths) -> int:

@@ -2,7 +2,9 @@
 
 A message is two ZeroMQ frames: ``[kind, body]``. ``kind`` is a short ASCII
 word (it doubles as the PUB/SUB topic); ``body`` is one orjson-encoded object
-carrying ``v`` (the protocol version) and the fields of that kind.
+carrying ``v`` (the protocol version) and the fields of that kind. In the
+bytes transport, ``job`` and ``done`` carry the image as a third frame, raw
+(no base64, no copy into the JSON).
 
     kind        direction                           socket pair
     ---------   ---------------------------------   ----------------------
@@ -155,27 +157,41 @@ def _schema(cls) -> tuple[tuple[str, tuple[type, ...], bool], ...]:
 
 
 _SCHEMAS = {cls.KIND: _schema(cls) for cls in MESSAGE_TYPES}
+# Kinds that may carry the image itself as a third frame.
+WITH_PAYLOAD = frozenset({Job.KIND, Done.KIND})
 
 
-def encode(msg: Message) -> list[bytes]:
-    """The frames for ``msg``: ``[kind, body]``."""
+def encode(msg: Message, payload=None) -> list:
+    """The frames for ``msg``: ``[kind, body]``, plus ``payload`` if given."""
     body = {"v": VERSION}
     for name, _, _ in _SCHEMAS[msg.KIND]:
         body[name] = getattr(msg, name)
-    return [msg.KIND, orjson.dumps(body)]
+    frames = [msg.KIND, orjson.dumps(body)]
+    if payload is not None:
+        if msg.KIND not in WITH_PAYLOAD:
+            raise WireError(f"{msg.KIND.decode()} cannot carry a payload")
+        frames.append(payload)
+    return frames
 
 
-def decode(frames: list[bytes], expect: tuple[type, ...] | None = None) -> Message:
+def decode_with_payload(frames: list, expect: tuple[type, ...] | None = None):
+    """``(message, payload or None)`` from ``[kind, body]`` or ``[kind, body, payload]``."""
+    if len(frames) == 3 and bytes(frames[0]) in WITH_PAYLOAD:
+        return decode(frames[:2], expect), frames[2]
+    return decode(frames, expect), None
+
+
+def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
     """Parse and validate ``[kind, body]``; raise WireError on anything amiss.
 
     ``expect`` limits which kinds this receiver accepts.
     """
     if len(frames) != 2:
         raise WireError(f"expected 2 frames, got {len(frames)}")
-    kind, raw = frames
-    cls = BY_KIND.get(bytes(kind))
+    kind, raw = (bytes(f) if not isinstance(f, bytes) else f for f in frames)
+    cls = BY_KIND.get(kind)
     if cls is None or (expect is not None and cls not in expect):
-        raise WireError(f"unexpected message kind {bytes(kind)[:32]!r}")
+        raise WireError(f"unexpected message kind {kind[:32]!r}")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

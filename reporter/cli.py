@@ -33,3 +33,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         logger.exception("reporter failed")
         return 3
+    finally:
+        stop.settle()

@@ -21,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit (and let the job be retried) when one image takes longer")
     p.add_argument("--vips-threads", type=int, default=1,
                    help="libvips threads in this worker (default: 1; workers x threads ~ cores)")
+    p.add_argument("--input-root", action="append", metavar="DIR",
+                   help="read images only under DIR (repeatable; default: the current folder)")
+    p.add_argument("--output-root", action="append", metavar="DIR",
+                   help="write outputs only under DIR (repeatable; default: the current folder)")
     p.add_argument("--noop", action="store_true",
                    help="benchmark mode: acknowledge jobs without touching any file")
     p.add_argument("--log-dir", default="logs", metavar="DIR")
@@ -47,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     config = WorkerConfig(worker_id, args.connect, results, credit=args.credit,
-                          job_timeout_s=args.job_timeout, noop=args.noop)
+                          job_timeout_s=args.job_timeout, noop=args.noop,
+                          input_roots=tuple(args.input_root or [os.getcwd()]),
+                          output_roots=tuple(args.output_root or [os.getcwd()]))
     stop = common.StopFlag(args.parent_pid).install()
     try:
         return run(config, stop)
     except Exception:
         logger.exception("worker failed")
         return 3
+    finally:
+        stop.settle()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pyvips
 
-from broker.paths import PathError, check_output_path, write_atomically
+from broker.paths import PathError, check_confined, check_output_path, write_atomically
 from broker.settings import ALPHA_FORMATS, ANIMATED_FORMATS, Settings, output_format, target_size
 from broker.sniff import HEAD_BYTES, describe_non_image, image_format
 
@@ -54,15 +54,42 @@ def configure_vips() -> None:
 
 
 def optimize(input_path: str, output_path: str, settings: Settings, *,
-             max_pixels: int = DEFAULT_MAX_PIXELS, tag: str = "imgbus") -> Outcome:
-    """Optimize ``input_path`` into ``output_path``; raise ImageError on failure."""
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+             max_pixels: int = DEFAULT_MAX_PIXELS, tag: str = "imgbus",
+             input_roots: tuple[str, ...] | None = None,
+             output_roots: tuple[str, ...] | None = None) -> Outcome:
+    """Optimize ``input_path`` into ``output_path``; raise ImageError on failure.
+
+    With roots given, the input must lie under an input root and the output
+    under an output root (after resolving links), whatever the job says.
+    """
+    start = time.perf_counter()
     try:
         check_output_path(input_path, output_path)
+        if input_roots is not None:
+            check_confined(input_path, input_roots, "input")
+        if output_roots is not None:
+            check_confined(output_path, output_roots, "output")
     except PathError as exc:
         raise ImageError(str(exc)) from None
     data = read_input(input_path)
+    read_s = time.perf_counter() - start
+    encoded, outcome = optimize_bytes(data, settings, max_pixels=max_pixels)
+    outcome.timings["decode"] += read_s
+    clock = time.perf_counter()
+    try:
+        write_atomically(output_path, encoded, tag)
+    except OSError as exc:
+        raise ImageError(f"cannot write output: {exc.strerror or exc}") from None
+    outcome.timings["write"] = time.perf_counter() - clock
+    return outcome
+
+
+def optimize_bytes(data, settings: Settings, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The image work alone, in memory: ``(output bytes, Outcome)``. No file access."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    if image_format(bytes(data[:HEAD_BYTES])) is None:
+        raise ImageError(describe_non_image(bytes(data[:HEAD_BYTES])))
     image, in_format, upright = decode(data, settings, max_pixels)
     clock = _lap(timings, "decode", clock)
 
@@ -71,18 +98,15 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
     clock = _lap(timings, "resize", clock)
 
     encoded = encode(image, out_format, settings)
-    clock = _lap(timings, "encode", clock)
+    _lap(timings, "encode", clock)
 
     width, height = image.width, _page_height(image)
+    # Same format, same size, and no smaller: the input is the better output.
     kept = out_format == in_format and (width, height) == upright and len(encoded) >= len(data)
     if kept:
         encoded = data
-    try:
-        write_atomically(output_path, encoded, tag)
-    except OSError as exc:
-        raise ImageError(f"cannot write output: {exc.strerror or exc}") from None
-    _lap(timings, "write", clock)
-    return Outcome(len(data), len(encoded), width, height, out_format, kept, timings)
+    timings["write"] = 0.0
+    return encoded, Outcome(len(data), len(encoded), width, height, out_format, kept, timings)
 
 
 def _lap(timings: dict, stage: str, start: float) -> float:
@@ -101,8 +125,6 @@ def read_input(path: str) -> bytes:
         raise ImageError("input is a folder, not a file") from None
     except OSError as exc:
         raise ImageError(f"cannot read input: {exc.strerror or exc}") from None
-    if image_format(data[:HEAD_BYTES]) is None:
-        raise ImageError(describe_non_image(data[:HEAD_BYTES]))
     return data
 
 

@@ -27,7 +27,7 @@ from loguru import logger
 from broker import wire
 from broker.config import LINGER_MS, StopFlag, make_socket
 from broker.settings import Settings, SettingsError
-from sidecar.optimize import ImageError, configure_vips, optimize
+from sidecar.optimize import ImageError, configure_vips, optimize, optimize_bytes
 
 EXIT_JOB_TIMEOUT = 75
 POLL_MS = 200
@@ -45,6 +45,9 @@ class WorkerConfig:
     heartbeat_s: float = 1.0
     idle_ready_s: float = 2.0
     noop: bool = False  # benchmark mode: acknowledge jobs without image work
+    # Path transport: the only folders this worker reads from / writes to.
+    input_roots: tuple[str, ...] | None = None
+    output_roots: tuple[str, ...] | None = None
 
 
 class Credit:
@@ -86,30 +89,43 @@ class Busy:
         return current[0], time.monotonic() - current[1]
 
 
-def process(job: wire.Job, worker_id: str) -> wire.Done:
-    """Do one job; every failure becomes a failed completion, never an exception."""
+def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None):
+    """Do one job: ``(completion, output bytes or None)``.
+
+    With a payload (bytes transport) the image comes in the message and goes
+    back in the completion: no file is touched. Without one, the job's paths
+    are used, confined to this worker's folders. Every failure becomes a
+    failed completion, never an exception.
+    """
     start = time.perf_counter()
+    worker_id = config.worker_id
     with logger.contextualize(job_id=job.job_id):
         try:
             settings = Settings.from_dict(job.settings)
-            outcome = optimize(job.input, job.output, settings, max_pixels=job.max_pixels,
-                               tag=f"{worker_id}-{job.attempt}")
+            if payload is not None:
+                encoded, outcome = optimize_bytes(payload, settings, max_pixels=job.max_pixels)
+            else:
+                encoded = None
+                outcome = optimize(job.input, job.output, settings, max_pixels=job.max_pixels,
+                                   tag=f"{worker_id}-{job.attempt}", input_roots=config.input_roots,
+                                   output_roots=config.output_roots)
         except (ImageError, SettingsError) as exc:
             error = str(exc) if isinstance(exc, ImageError) else f"invalid setting: {exc}"
             logger.warning("{} failed: {}", job.input, error)
             return wire.Done(job.job_id, job.batch_id, worker_id, False, error,
-                             elapsed_s=time.perf_counter() - start)
+                             elapsed_s=time.perf_counter() - start), None
         except Exception as exc:  # a bug or an exotic libvips failure: the worker lives on
             logger.exception("{} failed unexpectedly", job.input)
             return wire.Done(job.job_id, job.batch_id, worker_id, False,
                              f"internal error: {type(exc).__name__}: {exc}",
-                             elapsed_s=time.perf_counter() - start)
+                             elapsed_s=time.perf_counter() - start), None
         elapsed = time.perf_counter() - start
         logger.debug("{} -> {} {}x{} {} -> {} bytes in {:.3f} s", job.input, job.output,
                      outcome.width, outcome.height, outcome.in_bytes, outcome.out_bytes, elapsed)
-        return wire.Done(job.job_id, job.batch_id, worker_id, True, None, outcome.in_bytes,
+        done = wire.Done(job.job_id, job.batch_id, worker_id, True, None, outcome.in_bytes,
                          outcome.out_bytes, outcome.width, outcome.height, outcome.format,
                          outcome.kept_original, elapsed, outcome.timings)
+        return done, encoded
 
 
 def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done: threading.Event) -> None:
@@ -180,19 +196,19 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
                 last_job = time.monotonic()
             continue
         try:
-            job = wire.decode(dealer.recv_multipart(), (wire.Job,))
+            job, payload = wire.decode_with_payload(dealer.recv_multipart(), (wire.Job,))
         except wire.WireError as exc:
             logger.warning("dropped a malformed message: {}", exc)
             continue
         started = time.monotonic()
         busy.job = (job.job_id, started)
         if config.noop:
-            done = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none")
+            done, encoded = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none"), None
         else:
-            done = process(job, config.worker_id)
+            done, encoded = process(job, config, payload)
         busy.job = None
         try:
-            push.send_multipart(wire.encode(done))
+            push.send_multipart(wire.encode(done, encoded), copy=encoded is None)
         except zmq.Again:
             logger.error("broker unreachable: completion of {} not delivered", job.job_id)
         handled += 1

@@ -24,7 +24,7 @@ def broker_cmd(ep, src, out, tmp_path, *extra):
 
 def sidecar(ep, tmp_path, *extra):
     return start("sidecar", "--connect", ep["jobs"], "--results", ep["results"], "--log-dir", tmp_path / "logs",
-                 *extra)
+                 "--input-root", tmp_path / "in", "--output-root", tmp_path / "out", *extra)
 
 
 def test_workers_first_reporter_late(tmp_path):
@@ -155,5 +155,37 @@ def test_broker_aborts_when_every_worker_is_gone(tmp_path):
         assert r["tasks"]["completed"] + r["tasks"]["failed"] == 30
         assert any("no live worker" in f["error"] for f in r["failures"])
         assert r["workers"]["dead"] == [r["workers"]["per_worker"][0]["id"]]
+    finally:
+        stop(broker, worker)
+
+
+def test_worker_refuses_jobs_outside_its_folders(tmp_path):
+    """Even a job the broker accepts cannot make a worker read or write elsewhere."""
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 2)
+    secret = tmp_path / "secret.jpg"
+    make_photo(str(secret))
+    link = src / "link-to-secret.jpg"
+    link.symlink_to(secret)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(j) for j in [
+        {"job": "ok", "input": str(src / "p00.jpg"), "output": str(tmp_path / "out" / "ok.jpg")},
+        {"job": "passwd", "input": "/etc/passwd", "output": str(tmp_path / "out" / "passwd.jpg")},
+        {"job": "secret", "input": str(secret), "output": str(tmp_path / "out" / "secret.jpg")},
+        {"job": "via-link", "input": str(link), "output": str(tmp_path / "out" / "link.jpg")},
+        {"job": "escape", "input": str(src / "p01.jpg"), "output": str(tmp_path / "elsewhere" / "x.jpg")},
+    ]) + "\n")
+    broker = start("broker", "--jobs", jobs, "--jobs-endpoint", ep["jobs"], "--results-endpoint", ep["results"],
+                   "--metrics-endpoint", ep["metrics"], "--results-jsonl", tmp_path / "res.jsonl",
+                   "--log-dir", tmp_path / "logs", "--linger", 0)
+    worker = sidecar(ep, tmp_path)
+    try:
+        assert broker.wait(60) == 1
+        lines = {l["job_id"]: l for l in map(json.loads, open(tmp_path / "res.jsonl"))}
+        assert lines["ok"]["ok"]
+        for job in ("passwd", "secret", "via-link"):
+            assert "outside this worker's input folders" in lines[job]["error"]
+        assert "outside this worker's output folders" in lines["escape"]["error"]
+        assert os.listdir(tmp_path / "out") == ["ok.jpg"] and not (tmp_path / "elsewhere").exists()
     finally:
         stop(broker, worker)

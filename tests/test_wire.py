@@ -55,3 +55,16 @@ def test_receiver_limits_accepted_kinds():
 def test_float_fields_accept_integers():
     body = {"v": 1, "worker_id": "w", "busy_job": None, "busy_s": 3}
     assert wire.decode([b"heartbeat", orjson.dumps(body)]).busy_s == 3
+
+
+def test_payload_travels_as_a_raw_third_frame():
+    job = wire.Job("j1", "b1", "/in/a.jpg", "/out/a.jpg", {})
+    frames = wire.encode(job, b"\xff\xd8\xffimage bytes")
+    assert len(frames) == 3 and frames[2] == b"\xff\xd8\xffimage bytes"
+    msg, payload = wire.decode_with_payload(frames)
+    assert msg == job and payload == b"\xff\xd8\xffimage bytes"
+    assert wire.decode_with_payload(wire.encode(job)) == (job, None)
+    with pytest.raises(wire.WireError, match="cannot carry a payload"):
+        wire.encode(wire.Heartbeat("w"), b"x")
+    with pytest.raises(wire.WireError, match="expected 2 frames"):
+        wire.decode_with_payload([b"heartbeat", frames[1], b"x"])
