@@ -53,6 +53,16 @@ def configure_vips() -> None:
     pyvips.cache_set_max_files(0)
 
 
+def warm_up() -> None:
+    """Pay libvips' first-use costs (codec set-up, thread pool) before taking jobs,
+    so that a worker's first image is as fast as its hundredth."""
+    tiny = pyvips.Image.black(64, 48, bands=3).cast("uchar")
+    for fmt in ("jpeg", "png", "webp"):
+        data = encode(tiny, fmt, Settings(quality=80))
+        image = pyvips.Image.new_from_buffer(data, "", access="sequential")
+        image.resize(0.5, kernel="lanczos3").copy_memory()
+
+
 def optimize(input_path: str, output_path: str, settings: Settings, *,
              max_pixels: int = DEFAULT_MAX_PIXELS, tag: str = "imgbus",
              input_roots: tuple[str, ...] | None = None,

@@ -27,7 +27,7 @@ from loguru import logger
 from broker import wire
 from broker.config import LINGER_MS, StopFlag, make_socket
 from broker.settings import Settings, SettingsError
-from sidecar.optimize import ImageError, configure_vips, optimize, optimize_bytes
+from sidecar.optimize import ImageError, configure_vips, optimize, optimize_bytes, warm_up
 
 EXIT_JOB_TIMEOUT = 75
 POLL_MS = 200
@@ -154,6 +154,8 @@ def _send(sock, msg) -> bool:
 
 def run(config: WorkerConfig, stop: StopFlag) -> int:
     configure_vips()
+    if not config.noop:
+        warm_up()  # before the first "ready": a ready worker is a fast worker
     busy, beating = Busy(), threading.Event()
     with zmq.Context() as ctx:
         dealer = make_socket(ctx, zmq.DEALER, linger=0)
