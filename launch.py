@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_config_from_args(args)
         if args.workers < 1 or args.credit < 1 or (args.vips_threads is not None and args.vips_threads < 1):
             raise UsageError("--workers, --credit and --vips-threads must be at least 1")
+        if args.grace < 0 or args.no_worker_timeout < 0:
+            raise UsageError("--grace and --no-worker-timeout cannot be negative")
     except UsageError as exc:
         parser.error(str(exc))
     common.setup_logging("launch", args.log_dir, args.log_level)
@@ -201,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         launcher.start_broker()
         for _ in range(args.workers):
             launcher.start_worker()
-        return launcher.supervise(stop)
+        logger.info("started broker pid {}, reporter pid {}, workers {}", launcher.broker.pid,
+                    launcher.reporter.pid, [w.pid for w in launcher.workers])
+        code = launcher.supervise(stop)
+        logger.info("batch over: exit status {}", code)
+        return code
     finally:
         launcher.stop_all()
         shutil.rmtree(run_dir, ignore_errors=True)

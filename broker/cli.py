@@ -44,7 +44,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-json", metavar="FILE", help="write the final report as JSON")
     p.add_argument("--results-jsonl", metavar="FILE", help="write one JSON line per job")
     p.add_argument("--log-dir", default="logs", metavar="DIR", help="JSON-lines logs (default: ./logs)")
-    p.add_argument("--log-level", default="INFO", help="stderr log level (default: INFO)")
+    p.add_argument("--log-level", default="INFO", help="stderr log level (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=BrokerConfig.max_pixels,
                    help="reject images declaring more pixels (default: %(default)s)")
     p.add_argument("--skip-existing", action="store_true", help="skip jobs whose output exists")
@@ -97,6 +97,8 @@ def batch_config_from_args(args) -> dict:
         raise UsageError("nothing to do: give INPUT files/folders or --jobs FILE")
     if args.max_pixels < 1 or args.max_attempts < 1 or args.job_timeout <= 0:
         raise UsageError("--max-pixels, --max-attempts and --job-timeout must be positive")
+    if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f"output folder is a file: {args.output}")
     return dict(
         inputs=tuple(args.inputs),
         jobs_file=args.jobs,
@@ -113,6 +115,11 @@ def batch_config_from_args(args) -> dict:
 
 
 def config_from_args(args) -> BrokerConfig:
+    for flag in ("ready_wait", "heartbeat_timeout", "no_worker_timeout", "grace", "linger"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} cannot be negative")
+    if args.min_workers < 1:
+        raise UsageError("--min-workers must be at least 1")
     return BrokerConfig(
         **batch_config_from_args(args),
         jobs_endpoint=args.jobs_endpoint,

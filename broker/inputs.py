@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from broker import wire
 from broker.paths import TEMP_SUFFIX, FolderCache, PathError, check_output_path, is_within
-from broker.settings import EXTENSIONS, Settings, SettingsError, output_format
+from broker.settings import Settings, SettingsError, output_format, with_real_extension
 from broker.sniff import HEAD_BYTES, IMAGE_EXTENSIONS, image_format
 from broker.wire import Job
 
@@ -138,14 +138,18 @@ class Planner:
         else:
             if not os.path.isabs(output):
                 output = os.path.join(self.output_root, output)
+            real = image_format(_read_head(entry["input"]))
+            if real:
+                output = with_real_extension(output, output_format(settings.format, real))
             self._add(job_id, entry["input"], output, settings)
 
     def _add_derived(self, input_path: str, rel: str, head: bytes, settings: Settings,
                      job_id: str | None = None) -> None:
-        fmt = output_format(settings.format, image_format(head) or "")
-        stem, ext = os.path.splitext(rel)
-        out_ext = EXTENSIONS.get(fmt, ext) if image_format(head) else ext
-        output = self._unique_output(os.path.join(self.output_root, stem + out_ext), ext)
+        output = os.path.join(self.output_root, rel)
+        real = image_format(head)
+        if real:
+            output = with_real_extension(output, output_format(settings.format, real))
+        output = self._unique_output(output, os.path.splitext(rel)[1])
         self._add(job_id or self._next_id(), input_path, output, settings, derived=True)
 
     def _add(self, job_id: str, input_path: str, output: str, settings: Settings,

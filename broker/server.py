@@ -134,7 +134,8 @@ class Broker:
                                         msg.format or "?", msg.kept_original, msg.timings)
         else:
             error = msg.error or "failed without an error message"
-            logger.warning("{} failed on {}: {}", job.input, msg.worker_id, error)
+            logger.bind(job_id=msg.job_id, worker_id=msg.worker_id).warning(
+                "{} failed on {}: {}", job.input, msg.worker_id, error)
             self.metrics.record_failure(msg.job_id, job.input, error, msg.worker_id, msg.elapsed_s)
         self._result_line(msg.job_id, job.input, job.output, ok=msg.ok, error=msg.error,
                           worker_id=msg.worker_id, attempt=job.attempt, in_bytes=msg.in_bytes,
@@ -248,6 +249,9 @@ def _serve(ctx: zmq.Context, broker: Broker, stop: StopFlag) -> int:
         now = time.monotonic()
         broker.metrics.finish(state, now)
         snapshot = broker.snapshot(now)
+        m = broker.metrics
+        logger.info("batch {} {}: {} succeeded, {} failed, {} skipped of {} in {:.2f} s", broker.batch_id,
+                    state, m.completed, m.failed, m.skipped, m.total, snapshot["duration_s"])
         _write_report(cfg.report_json, snapshot)
         swept = sweep_temp_files(s.job.output for s in broker.dispatcher.jobs.values())
         if swept:
@@ -292,8 +296,11 @@ def _loop(broker: Broker, router, pull, pub, stop: StopFlag) -> tuple[str, int]:
             return "done", EXIT_OK if broker.metrics.failed == 0 else EXIT_FAILED
         if signals_seen and (broker.dispatcher.leased == 0 or now - broker.stopping_since >= cfg.grace_s):
             return "interrupted", EXIT_INTERRUPTED
-        if broker.no_workers_for(now) >= cfg.no_worker_timeout_s and broker.first_ready is not None:
-            error = f"no live worker for {cfg.no_worker_timeout_s:g} s; batch aborted"
+        if broker.no_workers_for(now) >= cfg.no_worker_timeout_s:
+            if broker.first_ready is None:
+                error = f"no worker joined within {cfg.no_worker_timeout_s:g} s; batch aborted"
+            else:
+                error = f"no live worker for {cfg.no_worker_timeout_s:g} s; batch aborted"
             logger.error(error)
             broker.fail_remaining(error)
             return "aborted", EXIT_FAILED

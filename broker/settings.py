@@ -21,6 +21,31 @@ EXTENSIONS = {
     "tiff": ".tif",
     "gif": ".gif",
 }
+# Other spellings of the same format's extension, which are kept as given.
+EXTENSION_SPELLINGS = {
+    "jpeg": frozenset({".jpg", ".jpeg", ".jpe", ".jfif"}),
+    "tiff": frozenset({".tif", ".tiff"}),
+}
+
+
+def with_real_extension(path: str, fmt: str) -> str:
+    """``path`` named for the format its file will really have."""
+    if fmt not in EXTENSIONS:
+        return path
+    stem, ext = _split_extension(path)
+    if ext.lower() in EXTENSION_SPELLINGS.get(fmt, {EXTENSIONS[fmt]}):
+        return path
+    return stem + EXTENSIONS[fmt]
+
+
+def _split_extension(path: str) -> tuple[str, str]:
+    head, tail = path.rsplit("/", 1) if "/" in path else ("", path)
+    stem, dot, ext = tail.rpartition(".")
+    if not dot or not stem:
+        return path, ""
+    return (f"{head}/" if head else "") + stem, "." + ext
+
+
 # Formats that can carry several frames (animation) and an alpha channel.
 ANIMATED_FORMATS = frozenset({"webp", "gif"})
 ALPHA_FORMATS = frozenset({"png", "webp", "avif", "tiff", "gif"})

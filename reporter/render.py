@@ -17,10 +17,11 @@ def duration(seconds: float) -> str:
 
 
 def size(n: float) -> str:
+    """Decimal units (1 KB = 1000 B), like the MB/s figures."""
     for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+        if abs(n) < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
+        n /= 1000
     raise AssertionError("unreachable")
 
 
@@ -61,8 +62,8 @@ def _pool(s: dict) -> list[str]:
         f"  Total workers:         {w['total']}   (live {w['live']}, active {w['active']})",
         f"  Tasks per worker:      min {w['tasks_min']}   max {w['tasks_max']}   avg {w['tasks_avg']:.1f}",
         f"  Queue length:          {tasks['queued']}   in flight {tasks['in_flight']}",
-        f"  Completed/total:       {finished}/{tasks['total']}   "
-        f"(ok {tasks['completed']}, failed {tasks['failed']}, skipped {tasks['skipped']})",
+        f"  Finished/total:        {finished}/{tasks['total']}   "
+        f"(succeeded {tasks['completed']}, failed {tasks['failed']}, skipped {tasks['skipped']})",
         f"  Redelivered:           {tasks['redelivered']}   duplicates ignored {tasks['duplicates_ignored']}",
     ]
     if w["dead"]:

@@ -50,6 +50,12 @@ class ProgressPrinter:
             self.last = now
         self.stream.flush()
 
+    def finish(self, text: str) -> None:
+        """The last word: always shown, on a terminal or not."""
+        self.last = 0.0
+        self.show(text)
+        self.end()
+
     def end(self) -> None:
         if self.shown:
             self.stream.write("\n")
@@ -79,7 +85,8 @@ def run(config: ReporterConfig, stop: StopFlag) -> int:
                 continue
             latest = msg.snapshot
             if msg.final:
-                printer.end()
+                if not config.quiet:
+                    printer.finish(_final_progress(msg))
                 _print_report(latest, config)
                 return 0
     printer.end()
@@ -87,6 +94,14 @@ def run(config: ReporterConfig, stop: StopFlag) -> int:
         latest = {**latest, "state": f"{latest['state']}, partial: reporter stopped"}
         _print_report(latest, config)
     return 130
+
+
+def _final_progress(msg: wire.Metrics) -> str:
+    s = msg.snapshot
+    t = s["tasks"]
+    done = t["completed"] + t["failed"] + t["skipped"]
+    return progress_line(wire.Progress(msg.batch_id, t["total"], done, t["failed"], t["in_flight"],
+                                       s["workers"]["live"], s["duration_s"]))
 
 
 def _print_report(snapshot: dict, config: ReporterConfig) -> None:

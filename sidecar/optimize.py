@@ -149,7 +149,8 @@ def decode(data: bytes, settings: Settings, max_pixels: int):
             f"image too large: {width}x{height} is {width * height / 1e6:.0f} megapixels, "
             f"over the limit of {max_pixels / 1e6:.0f} megapixels (--max-pixels)"
         )
-    if _get(header, "orientation", 1) in TRANSPOSED_ORIENTATIONS:
+    orientation = _get(header, "orientation", 1)
+    if orientation in TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     out_format = output_format(settings.format, in_format)
     if pages > 1 and in_format in ("gif", "webp") and out_format in ANIMATED_FORMATS:
@@ -158,12 +159,15 @@ def decode(data: bytes, settings: Settings, max_pixels: int):
         image = _vips(lambda: pyvips.Image.new_from_buffer(
             data, "", n=-1, access="sequential", fail_on="truncated"))
     else:
-        image = _load_shrunk(data, in_format, (width, height), settings).autorot()
+        # Rotating reads rows out of order: a sequential decode cannot serve it.
+        access = "sequential" if orientation in (0, 1) else "random"
+        image = _load_shrunk(data, in_format, (width, height), settings, access).autorot()
     image = _vips(_to_srgb(image).copy_memory)
     return image, in_format, (width, height)
 
 
-def _load_shrunk(data: bytes, in_format: str, upright: tuple[int, int], settings: Settings):
+def _load_shrunk(data: bytes, in_format: str, upright: tuple[int, int], settings: Settings,
+                 access: str):
     """Load, letting JPEG and WebP decode at a reduced size when resizing down.
 
     Decoding stops at about twice the target size so that a proper resample
@@ -171,7 +175,7 @@ def _load_shrunk(data: bytes, in_format: str, upright: tuple[int, int], settings
     """
     target = target_size(*upright, settings.resize_mode, settings.resize_size)
     factor = upright[0] / target[0]
-    options = {"access": "sequential", "fail_on": "truncated"}
+    options = {"access": access, "fail_on": "truncated"}
     if in_format == "jpeg" and factor >= 4:
         options["shrink"] = max(s for s in (2, 4, 8) if 2 * s <= factor)
     elif in_format == "webp" and factor > 2:

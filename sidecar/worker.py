@@ -169,7 +169,7 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
             dealer.connect(config.jobs_endpoint)
             push.connect(config.results_endpoint)
             heart.start()
-            logger.info("worker {} connected to {}", config.worker_id, config.jobs_endpoint)
+            logger.info("worker {} connecting to {}", config.worker_id, config.jobs_endpoint)
             try:
                 _serve(dealer, push, config, busy, stop)
             finally:

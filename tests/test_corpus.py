@@ -32,4 +32,4 @@ def test_wallpapers_to_webp_1920(corpus, tmp_path):
         total_in += os.path.getsize(line["input"])
         total_out += os.path.getsize(line["output"])
     assert (r["bytes"]["in"], r["bytes"]["out"]) == (total_in, total_out)
-    assert "Worker pool" in proc.stdout and "Completed/total:       51/51" in proc.stdout
+    assert "Worker pool" in proc.stdout and "Finished/total:        51/51" in proc.stdout

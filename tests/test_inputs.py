@@ -87,7 +87,7 @@ def test_batch_file_lines(photo, tmp_path):
     assert "outside the output folder" in errors[5]
     assert len(p.plan.jobs) == 2
     last = [j for j in p.plan.jobs if j.job_id != "first"][0]
-    assert last.output == str(tmp_path / "out" / "rel" / "d.webp")
+    assert last.output == str(tmp_path / "out" / "rel" / "d.jpg")   # a JPEG stays a JPEG: real extension
     assert last.settings["resize"] == {"mode": "width", "size": 9}
 
 
@@ -110,3 +110,13 @@ def test_absolute_outputs_outside_the_folder_only_when_not_confined(photo, tmp_p
     p = planner(tmp_path / "out", confine_outputs=confine)
     p.add_batch_file(str(batch))
     assert (len(p.plan.jobs), len(p.plan.rejected)) == ((0, 1) if confine else (1, 0))
+
+
+def test_batch_file_outputs_get_their_real_extension(photo, tmp_path):
+    src = photo("x.jpg")
+    batch = tmp_path / "jobs.jsonl"
+    batch.write_text(f'{{"input": "{src}", "output": "y.jpg", "settings": {{"format": "webp"}}}}\n'
+                     f'{{"input": "{src}", "output": "wood.png"}}\n')
+    p = planner(tmp_path / "out")
+    p.add_batch_file(str(batch))
+    assert [os.path.basename(j.output) for j in p.plan.jobs] == ["y.webp", "wood.jpg"]

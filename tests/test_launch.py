@@ -83,7 +83,7 @@ def test_all_good_exits_zero_and_prints_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for heading in ("Time", "Worker pool", "Batch", "Optimization"):
         assert f"\n{heading}\n" in proc.stdout
-    assert "Completed/total:       4/4" in proc.stdout
+    assert "Finished/total:        4/4" in proc.stdout
 
 
 def test_output_folder_inside_the_input_folder(tmp_path):
@@ -136,4 +136,22 @@ def test_rerun_with_skip_existing_skips_finished_outputs(tmp_path):
     assert (r["tasks"]["total"], r["tasks"]["completed"], r["tasks"]["skipped"]) == (3, 1, 2)
     lines = {os.path.basename(l["input"]): l for l in read_jsonl(tmp_path / "res.jsonl")}
     assert lines["p0.jpg"]["skipped"] and lines["p2.jpg"]["skipped"] and not lines["p1.jpg"].get("skipped")
-    assert "skipped 2" in proc.stdout
+    assert "skipped 2)" in proc.stdout
+
+
+def test_output_that_is_a_file_is_bad_usage(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = run_launch(["-o", tmp_path / "file", "--log-dir", tmp_path / "logs"], timeout=30)
+    assert proc.returncode == 2 and "output folder is a file" in proc.stderr
+
+
+def test_batch_file_output_is_renamed_for_its_real_format(tmp_path):
+    src = make_photo(str(tmp_path / "x.jpg"))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"input": src, "output": "y.jpg", "settings": {"format": "webp"}}) + "\n")
+    proc = run_launch(["--jobs", jobs, "-o", tmp_path / "out", "--workers", 1, "--results-jsonl",
+                       tmp_path / "r.jsonl", "--log-dir", tmp_path / "logs"])
+    assert proc.returncode == 0, proc.stderr
+    line, = read_jsonl(tmp_path / "r.jsonl")
+    assert line["output"] == str(tmp_path / "out" / "y.webp") and line["format"] == "webp"
+    assert pyvips.Image.new_from_file(line["output"]).get("vips-loader") == "webpload"

@@ -66,6 +66,22 @@ def test_exif_orientation_is_applied_then_stripped(photo, tmp_path):
     assert not out.get_typeof("orientation") or out.get("orientation") == 1
 
 
+@pytest.mark.parametrize("orientation", [2, 3, 5, 6, 7, 8])
+@pytest.mark.parametrize("resize", [None, 500])
+def test_every_orientation_of_a_large_jpeg(photo, tmp_path, orientation, resize):
+    """Large enough that a sequential decode cannot buffer the rotation away."""
+    src = photo(f"o{orientation}.jpg", width=1800, height=1200, orientation=orientation)
+    kwargs = {"resize_mode": "longest", "resize_size": resize} if resize else {}
+    result = run(src, tmp_path / "o.tif", format="tiff", **kwargs)
+    expected = pyvips.Image.new_from_file(src).autorot()
+    if resize:
+        expected = expected.resize(resize / max(expected.width, expected.height))
+    assert (result.width, result.height) == (expected.width, expected.height)
+    out = load(str(tmp_path / "o.tif"))
+    # The content is oriented like libvips' own autorot (a wrong turn differs by ~50).
+    assert (out.cast("float") - expected.cast("float")).abs().avg() < (1 if not resize else 12)
+
+
 def test_alpha_is_flattened_onto_white_for_jpeg(photo, tmp_path):
     src = photo("alpha.png", alpha=True)  # left half fully transparent
     run(src, tmp_path / "a.jpg", format="jpeg")

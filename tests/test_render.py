@@ -12,9 +12,9 @@ def test_duration_units():
 
 def test_size_units():
     assert size(512) == "512 B"
-    assert size(2048) == "2.00 KB"
-    assert size(5 * 1024 ** 2) == "5.00 MB"
-    assert size(3 * 1024 ** 3) == "3.00 GB"
+    assert size(2000) == "2.00 KB"
+    assert size(5_250_000) == "5.25 MB"
+    assert size(3 * 1000 ** 3) == "3.00 GB"
 
 
 def test_report_has_every_section_and_the_failures():

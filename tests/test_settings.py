@@ -2,7 +2,9 @@
 
 import pytest
 
-from broker.settings import Settings, SettingsError, output_format, parse_resize, target_size
+from broker.settings import (
+    Settings, SettingsError, output_format, parse_resize, target_size, with_real_extension,
+)
 
 
 def test_defaults_match_the_original_product():
@@ -86,3 +88,16 @@ def test_png_compression_is_validated_and_carried():
     assert s.png_compression == 6 and Settings.from_dict(s.to_dict()) == s
     with pytest.raises(SettingsError, match="png_compression"):
         Settings(png_compression=10)
+
+
+@pytest.mark.parametrize("path, fmt, expected", [
+    ("/o/a.jpg", "webp", "/o/a.webp"),
+    ("/o/a.JPEG", "jpeg", "/o/a.JPEG"),
+    ("/o/a.tiff", "tiff", "/o/a.tiff"),
+    ("/o/wood.png", "jpeg", "/o/wood.jpg"),
+    ("/o/noext", "png", "/o/noext.png"),
+    ("/o.d/.hidden", "png", "/o.d/.hidden.png"),
+    ("/o/a.b.c.gif", "gif", "/o/a.b.c.gif"),
+])
+def test_outputs_are_named_for_their_real_format(path, fmt, expected):
+    assert with_real_extension(path, fmt) == expected

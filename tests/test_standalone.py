@@ -46,7 +46,7 @@ def test_workers_first_reporter_late(tmp_path):
         procs.append(reporter)
         out, _ = reporter.communicate(timeout=30)
         assert reporter.returncode == 0
-        assert "Completed/total:       12/12" in out
+        assert "Finished/total:        12/12" in out
         r = json.loads((tmp_path / "r.json").read_text())
         assert r["workers"]["total"] == 2 and sum(w["tasks"] for w in r["workers"]["per_worker"]) == 12
         assert len(os.listdir(tmp_path / "out")) == 12
@@ -189,3 +189,18 @@ def test_worker_refuses_jobs_outside_its_folders(tmp_path):
         assert os.listdir(tmp_path / "out") == ["ok.jpg"] and not (tmp_path / "elsewhere").exists()
     finally:
         stop(broker, worker)
+
+
+def test_broker_gives_up_when_no_worker_ever_joins(tmp_path):
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 3)
+    t0 = time.monotonic()
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--no-worker-timeout", 2, "--linger", 0))
+    try:
+        assert broker.wait(30) == 1
+        assert time.monotonic() - t0 < 15
+        r = json.loads((tmp_path / "r.json").read_text())
+        assert r["state"] == "aborted" and r["tasks"]["failed"] == 3
+        assert all("no worker joined within 2 s" in f["error"] for f in r["failures"])
+    finally:
+        stop(broker)
