@@ -103,6 +103,7 @@ class Launcher:
         worker = self._start("sidecar", "--connect", self.endpoints["jobs"], *self.confinement(),
                              "--results", self.endpoints["results"], "--credit", str(a.credit),
                              "--job-timeout", str(a.job_timeout), "--vips-threads", str(self.vips_threads),
+                             "--max-image-mb", str(a.max_image_mb),
                              "--log-dir", a.log_dir, "--log-level", a.log_level,
                              *(["--noop"] if a.noop else []))
         self.workers.append(worker)

@@ -14,6 +14,7 @@ from loguru import logger
 
 from broker import config as common
 from broker.inputs import BatchFileError
+from broker.security import SecurityError, make_keys
 from broker.server import BrokerConfig, run
 from broker.settings import FORMATS, QUALITY_FORMATS, Settings, SettingsError, parse_resize
 
@@ -52,6 +53,11 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
                    help="tries for a job whose worker dies or hangs (default: %(default)s)")
     p.add_argument("--job-timeout", type=float, default=BrokerConfig.job_timeout_s, metavar="S",
                    help="seconds one image may take (default: %(default)s)")
+    p.add_argument("--max-image-mb", type=float, default=BrokerConfig.max_image_bytes / 1e6, metavar="MB",
+                   help="refuse input files larger than this (default: %(default)g)")
+    p.add_argument("--transport", choices=("path", "bytes"), default="path",
+                   help="path: workers read and write the files (shared filesystem); "
+                        "bytes: images travel in the messages and the broker writes outputs")
 
 
 def add_broker_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,6 +75,10 @@ def add_broker_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGINT/SIGTERM, wait this long for jobs in flight (default: %(default)s)")
     p.add_argument("--linger", type=float, default=BrokerConfig.linger_s, metavar="S",
                    help="keep publishing the final report this long (default: %(default)s)")
+    p.add_argument("--key", metavar="FILE", help="CURVE: the broker's secret key file (broker.key_secret)")
+    p.add_argument("--authorized-keys", metavar="DIR", help="CURVE: folder of client public keys allowed in")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow non-loopback endpoints without CURVE (only on a network you trust)")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
 
 
@@ -95,8 +105,8 @@ def batch_config_from_args(args) -> dict:
         raise UsageError(f"batch file not found: {args.jobs}")
     if not args.inputs and not args.jobs:
         raise UsageError("nothing to do: give INPUT files/folders or --jobs FILE")
-    if args.max_pixels < 1 or args.max_attempts < 1 or args.job_timeout <= 0:
-        raise UsageError("--max-pixels, --max-attempts and --job-timeout must be positive")
+    if args.max_pixels < 1 or args.max_attempts < 1 or args.job_timeout <= 0 or args.max_image_mb <= 0:
+        raise UsageError("--max-pixels, --max-attempts, --job-timeout and --max-image-mb must be positive")
     if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"output folder is a file: {args.output}")
     return dict(
@@ -111,6 +121,8 @@ def batch_config_from_args(args) -> dict:
         skip_existing=args.skip_existing,
         max_attempts=args.max_attempts,
         job_timeout_s=args.job_timeout,
+        max_image_bytes=int(args.max_image_mb * 1e6),
+        transport=args.transport,
     )
 
 
@@ -131,6 +143,9 @@ def config_from_args(args) -> BrokerConfig:
         no_worker_timeout_s=args.no_worker_timeout,
         grace_s=args.grace,
         linger_s=args.linger,
+        key_file=args.key,
+        authorized_keys=args.authorized_keys,
+        insecure=args.insecure,
     )
 
 
@@ -139,7 +154,7 @@ def batch_argv(args) -> list[str]:
     argv = list(args.inputs)
     for name in ("output", "jobs", "format", "quality", *(f"quality_{f}" for f in QUALITY_FORMATS),
                  "resize", "png_compression", "report_json", "results_jsonl", "log_dir", "log_level", "max_pixels",
-                 "max_attempts", "job_timeout"):
+                 "max_attempts", "job_timeout", "max_image_mb", "transport"):
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
@@ -156,7 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def keys_main(argv: list[str]) -> int:
+    """``python -m broker keys DIR``: CURVE key pairs for a broker and its clients."""
+    p = OneLineParser(prog="python -m broker keys", description="make CURVE key pairs")
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("--client", action="append", metavar="NAME",
+                   help="make a client key pair NAME (repeatable; default: sidecar and reporter)")
+    args = p.parse_args(argv)
+    clients = args.client or ["sidecar", "reporter"]
+    made = make_keys(args.folder, clients)
+    folder = args.folder
+    print("\n".join(made))
+    print(f"""
+broker host:   python -m broker ... --key {folder}/broker.key_secret --authorized-keys {folder}/authorized
+client hosts:  copy {folder}/broker.key and that client's NAME.key_secret, then
+               python -m sidecar ... --key NAME.key_secret --broker-key broker.key
+Secret files (*.key_secret) are readable by their owner only; keep them so.
+To admit another client later: python -m broker keys {folder} --client NAME""")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        return keys_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -167,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = common.StopFlag(args.parent_pid).install()
     try:
         return run(config, stop)
-    except BatchFileError as exc:
+    except (BatchFileError, SecurityError) as exc:
         logger.error(str(exc))
         return 2
     except Exception:

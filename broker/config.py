@@ -62,12 +62,19 @@ def derive_endpoint(endpoint: str, port_offset: int) -> str:
     raise ValueError(f"cannot derive an endpoint from {endpoint!r}")
 
 
-def make_socket(ctx: zmq.Context, kind: int, *, linger: int = LINGER_MS, receives: bool = True):
+def make_socket(ctx: zmq.Context, kind: int, *, linger: int = LINGER_MS, receives: bool = True,
+                max_bytes: int = wire.MAX_MESSAGE_BYTES):
+    """A socket with an explicit linger and, if it receives, a size limit."""
     sock = ctx.socket(kind)
     sock.linger = linger
     if receives:
-        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     return sock
+
+
+def image_message_limit(max_image_bytes: int) -> int:
+    """Largest message a socket that may carry an image accepts."""
+    return max_image_bytes + wire.MAX_MESSAGE_BYTES
 
 
 class StopFlag:

@@ -72,11 +72,13 @@ class Planner:
     """Builds the job list for one batch, keeping job ids and outputs unique."""
 
     def __init__(self, batch_id: str, output_root: str, settings: Settings, *,
-                 max_pixels: int, skip_existing: bool = False, confine_outputs: bool = True):
+                 max_pixels: int, max_bytes: int = 0, skip_existing: bool = False,
+                 confine_outputs: bool = True):
         self.batch_id = batch_id
         self.output_root = os.path.abspath(output_root)
         self.settings = settings
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.skip_existing = skip_existing
         self.confine_outputs = confine_outputs
         self.plan = Plan([], [], [])
@@ -162,7 +164,7 @@ class Planner:
         self._ids.add(job_id)
         self._outputs.add(output)
         job = Job(job_id=job_id, batch_id=self.batch_id, input=input_path, output=output,
-                  settings=settings.to_dict(), max_pixels=self.max_pixels)
+                  settings=settings.to_dict(), max_pixels=self.max_pixels, max_bytes=self.max_bytes)
         if self.skip_existing and os.path.isfile(output):
             self.plan.skipped.append(job)
         else:

@@ -35,6 +35,21 @@ class FolderCache:
         return os.path.join(real, name)
 
 
+def read_input(path: str, max_bytes: int = 0) -> bytes:
+    """The whole input file, or PathError with a message fit for a person."""
+    try:
+        with open(path, "rb") as f:
+            if max_bytes and os.fstat(f.fileno()).st_size > max_bytes:
+                raise PathError(f"input is larger than the limit of {max_bytes / 1e6:.0f} MB (--max-image-mb)")
+            return f.read()
+    except FileNotFoundError:
+        raise PathError("input file not found") from None
+    except IsADirectoryError:
+        raise PathError("input is a folder, not a file") from None
+    except OSError as exc:
+        raise PathError(f"cannot read input: {exc.strerror or exc}") from None
+
+
 def check_output_path(input_path: str, output_path: str, output_root: str | None = None,
                       resolve=os.path.realpath) -> None:
     """Raise PathError if writing ``output_path`` could touch the input or leave the root."""

@@ -12,6 +12,7 @@ manifest of every job sent is needed to tell a lost job from a duplicate.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -21,11 +22,12 @@ import zmq
 from loguru import logger
 
 from broker import wire
-from broker.config import StopFlag, make_socket
+from broker.config import StopFlag, image_message_limit, make_socket
 from broker.dispatch import Dispatcher, Lost
 from broker.inputs import Plan, Planner
 from broker.metrics import BatchMetrics
-from broker.paths import sweep_temp_files
+from broker.paths import PathError, check_output_path, read_input, sweep_temp_files, write_atomically
+from broker.security import check_exposure, secure_server, server_keys, start_authenticator
 from broker.settings import Settings
 
 PROGRESS_EVERY_S = 0.25
@@ -58,11 +60,17 @@ class BrokerConfig:
     no_worker_timeout_s: float = 60.0
     grace_s: float = 10.0
     linger_s: float = 3.0
+    transport: str = "path"          # "bytes": images travel in the messages
+    max_image_bytes: int = 100_000_000
+    key_file: str | None = None      # CURVE: the broker's secret key...
+    authorized_keys: str | None = None  # ...and the folder of client public keys
+    insecure: bool = False
 
 
 def plan_batch(config: BrokerConfig, batch_id: str) -> Plan:
     planner = Planner(batch_id, config.output_dir, config.settings, max_pixels=config.max_pixels,
-                      skip_existing=config.skip_existing, confine_outputs=config.output_dir_given)
+                      max_bytes=config.max_image_bytes, skip_existing=config.skip_existing,
+                      confine_outputs=config.output_dir_given)
     if config.inputs:
         planner.add_inputs(list(config.inputs))
     if config.jobs_file:
@@ -115,7 +123,7 @@ class Broker:
         logger.info("worker {} left: {}", msg.worker_id, msg.reason)
         self._lose(msg.worker_id, msg.reason, culprit=msg.job_id)
 
-    def handle_done(self, msg: wire.Done, now: float) -> None:
+    def handle_done(self, msg: wire.Done, now: float, payload: bytes | None = None) -> None:
         if msg.batch_id != self.batch_id:
             logger.warning("completion for another batch ({}) from {}; dropped", msg.batch_id, msg.worker_id)
             return
@@ -129,6 +137,8 @@ class Broker:
             logger.info("duplicate completion of {} from {} ignored", msg.job_id, msg.worker_id)
             return
         job = self.dispatcher.jobs[msg.job_id].job
+        if msg.ok and self.config.transport == "bytes":
+            msg = self._write_output(job, msg, payload)
         if msg.ok:
             self.metrics.record_success(msg.worker_id, msg.elapsed_s, msg.in_bytes, msg.out_bytes,
                                         msg.format or "?", msg.kept_original, msg.timings)
@@ -142,6 +152,28 @@ class Broker:
                           out_bytes=msg.out_bytes, width=msg.width, height=msg.height,
                           format=msg.format, kept_original=msg.kept_original,
                           elapsed_s=msg.elapsed_s, timings=msg.timings)
+
+    def _write_output(self, job: wire.Job, msg: wire.Done, payload: bytes | None) -> wire.Done:
+        """Bytes transport: the broker writes what the worker sent back."""
+        try:
+            if payload is None:
+                raise PathError("the worker sent no image back")
+            check_output_path(job.input, job.output)
+            write_atomically(job.output, payload, f"broker-{job.job_id}")
+        except (PathError, OSError) as exc:
+            error = str(exc) if isinstance(exc, PathError) else f"cannot write output: {exc.strerror or exc}"
+            return dataclasses.replace(msg, ok=False, error=error)
+        return msg
+
+    def read_payload(self, job: wire.Job) -> bytes | None:
+        """Bytes transport: the input to send, or None after failing the job."""
+        try:
+            return read_input(job.input, self.config.max_image_bytes)
+        except PathError as exc:
+            self.dispatcher.fail(job.job_id)
+            self.metrics.record_failure(job.job_id, job.input, str(exc), None)
+            self._result_line(job.job_id, job.input, job.output, ok=False, error=str(exc))
+            return None
 
     # -- time-driven ---------------------------------------------------
     def housekeeping(self, now: float) -> None:
@@ -234,11 +266,28 @@ def run(config: BrokerConfig, stop: StopFlag) -> int:
 
 def _serve(ctx: zmq.Context, broker: Broker, stop: StopFlag) -> int:
     cfg = broker.config
+    keys = server_keys(cfg.key_file, cfg.authorized_keys)
+    exposed = check_exposure([cfg.jobs_endpoint, cfg.results_endpoint, cfg.metrics_endpoint], keys, cfg.insecure)
+    if exposed and keys is None:
+        logger.warning("INSECURE: {} open to the network without authentication or encryption; anyone who "
+                       "can reach it can submit or read jobs", ", ".join(exposed))
+    auth = start_authenticator(ctx, keys) if keys else None
     router = make_socket(ctx, zmq.ROUTER)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a send to a vanished worker raises
     router.setsockopt(zmq.ROUTER_HANDOVER, 1)    # a reconnecting worker takes its id back
-    pull = make_socket(ctx, zmq.PULL)
+    pull = make_socket(ctx, zmq.PULL, max_bytes=image_message_limit(cfg.max_image_bytes))
     pub = make_socket(ctx, zmq.PUB, linger=0, receives=False)
+    for sock in (router, pull, pub):
+        secure_server(sock, keys)
+    try:
+        return _serve_batch(broker, router, pull, pub, stop)
+    finally:
+        if auth is not None:
+            auth.stop()
+
+
+def _serve_batch(broker: Broker, router, pull, pub, stop: StopFlag) -> int:
+    cfg = broker.config
     with router, pull, pub:
         router.bind(cfg.jobs_endpoint)
         pull.bind(cfg.results_endpoint)
@@ -315,14 +364,15 @@ def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:
             return
         identity = frames.pop(0) if from_router else None
         try:
-            msg = wire.decode(frames, (wire.Ready,) if from_router else (wire.Done, wire.Heartbeat, wire.Bye))
+            expect = (wire.Ready,) if from_router else (wire.Done, wire.Heartbeat, wire.Bye)
+            msg, payload = wire.decode_with_payload(frames, expect)
         except wire.WireError as exc:
             logger.warning("dropped a malformed message: {}", exc)
             continue
         if isinstance(msg, wire.Ready):
             broker.handle_ready(identity, msg, now)
         elif isinstance(msg, wire.Done):
-            broker.handle_done(msg, now)
+            broker.handle_done(msg, now, payload)
         elif isinstance(msg, wire.Heartbeat):
             broker.handle_heartbeat(msg, now)
         else:
@@ -330,10 +380,15 @@ def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:
 
 
 def _dispatch(broker: Broker, router) -> None:
+    with_bytes = broker.config.transport == "bytes"
     while (assignment := broker.dispatcher.next_assignment()) is not None:
         worker_id, job = assignment
+        payload = broker.read_payload(job) if with_bytes else None
+        if with_bytes and payload is None:
+            continue  # unreadable: already failed with a clear error
         try:
-            router.send_multipart([worker_id.encode(), *wire.encode(job)], zmq.NOBLOCK)
+            router.send_multipart([worker_id.encode(), *wire.encode(job, payload)], zmq.NOBLOCK,
+                                  copy=payload is None)
         except zmq.Again:
             broker.dispatcher.unsend(worker_id, job.job_id)
             return

@@ -62,6 +62,7 @@ class Job:
     settings: dict
     attempt: int = 1
     max_pixels: int = 0
+    max_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from loguru import logger
 
 from broker import wire
 from broker.config import StopFlag, make_socket
+from broker.security import ClientKeys, secure_client
 from reporter.render import progress_line, report
 
 NON_TTY_PROGRESS_EVERY_S = 5.0
@@ -29,6 +30,7 @@ class ReporterConfig:
     endpoint: str
     report_json: str | None = None
     quiet: bool = False
+    keys: ClientKeys | None = None
 
 
 class ProgressPrinter:
@@ -67,6 +69,7 @@ def run(config: ReporterConfig, stop: StopFlag) -> int:
     printer = ProgressPrinter()
     latest: dict | None = None
     with zmq.Context() as ctx, make_socket(ctx, zmq.SUB, linger=0) as sub:
+        secure_client(sub, config.keys)
         sub.subscribe(wire.Progress.KIND)
         sub.subscribe(wire.Metrics.KIND)
         sub.connect(config.endpoint)

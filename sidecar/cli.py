@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read images only under DIR (repeatable; default: the current folder)")
     p.add_argument("--output-root", action="append", metavar="DIR",
                    help="write outputs only under DIR (repeatable; default: the current folder)")
+    p.add_argument("--max-image-mb", type=float, default=100.0, metavar="MB",
+                   help="largest image message accepted (bytes transport; default: %(default)g)")
+    p.add_argument("--key", metavar="FILE", help="CURVE: this worker's secret key file")
+    p.add_argument("--broker-key", metavar="FILE", help="CURVE: the broker's public key file")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback broker without CURVE (only on a network you trust)")
     p.add_argument("--noop", action="store_true",
                    help="benchmark mode: acknowledge jobs without touching any file")
     p.add_argument("--log-dir", default="logs", metavar="DIR")
@@ -42,18 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["VIPS_CONCURRENCY"] = str(args.vips_threads)
     from loguru import logger
 
+    from broker.security import SecurityError, check_exposure, client_keys
     from sidecar.worker import WorkerConfig, run
 
     worker_id = common.worker_id()
     common.setup_logging("sidecar", args.log_dir, args.log_level, worker_id=worker_id)
     try:
         results = args.results or common.derive_endpoint(args.connect, 1)
-    except ValueError as exc:
+        keys = client_keys(args.key, args.broker_key)
+        if check_exposure([args.connect, results], keys, args.insecure) and keys is None:
+            logger.warning("INSECURE: talking to {} without authentication or encryption", args.connect)
+    except (ValueError, SecurityError) as exc:
         parser.error(str(exc))
     config = WorkerConfig(worker_id, args.connect, results, credit=args.credit,
                           job_timeout_s=args.job_timeout, noop=args.noop,
                           input_roots=tuple(args.input_root or [os.getcwd()]),
-                          output_roots=tuple(args.output_root or [os.getcwd()]))
+                          output_roots=tuple(args.output_root or [os.getcwd()]),
+                          keys=keys, max_image_bytes=int(args.max_image_mb * 1e6))
     stop = common.StopFlag(args.parent_pid).install()
     try:
         return run(config, stop)

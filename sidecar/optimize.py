@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pyvips
 
-from broker.paths import PathError, check_confined, check_output_path, write_atomically
+from broker.paths import PathError, check_confined, check_output_path, read_input, write_atomically
 from broker.settings import ALPHA_FORMATS, ANIMATED_FORMATS, Settings, output_format, target_size
 from broker.sniff import HEAD_BYTES, describe_non_image, image_format
 
@@ -64,7 +64,7 @@ def warm_up() -> None:
 
 
 def optimize(input_path: str, output_path: str, settings: Settings, *,
-             max_pixels: int = DEFAULT_MAX_PIXELS, tag: str = "imgbus",
+             max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = 0, tag: str = "imgbus",
              input_roots: tuple[str, ...] | None = None,
              output_roots: tuple[str, ...] | None = None) -> Outcome:
     """Optimize ``input_path`` into ``output_path``; raise ImageError on failure.
@@ -79,9 +79,9 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
             check_confined(input_path, input_roots, "input")
         if output_roots is not None:
             check_confined(output_path, output_roots, "output")
+        data = read_input(input_path, max_bytes)
     except PathError as exc:
         raise ImageError(str(exc)) from None
-    data = read_input(input_path)
     read_s = time.perf_counter() - start
     encoded, outcome = optimize_bytes(data, settings, max_pixels=max_pixels)
     outcome.timings["decode"] += read_s
@@ -123,19 +123,6 @@ def _lap(timings: dict, stage: str, start: float) -> float:
     now = time.perf_counter()
     timings[stage] = now - start
     return now
-
-
-def read_input(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ImageError("input file not found") from None
-    except IsADirectoryError:
-        raise ImageError("input is a folder, not a file") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read input: {exc.strerror or exc}") from None
-    return data
 
 
 def decode(data: bytes, settings: Settings, max_pixels: int):

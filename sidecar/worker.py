@@ -25,7 +25,8 @@ import zmq
 from loguru import logger
 
 from broker import wire
-from broker.config import LINGER_MS, StopFlag, make_socket
+from broker.config import LINGER_MS, StopFlag, image_message_limit, make_socket
+from broker.security import ClientKeys, secure_client
 from broker.settings import Settings, SettingsError
 from sidecar.optimize import ImageError, configure_vips, optimize, optimize_bytes, warm_up
 
@@ -48,6 +49,8 @@ class WorkerConfig:
     # Path transport: the only folders this worker reads from / writes to.
     input_roots: tuple[str, ...] | None = None
     output_roots: tuple[str, ...] | None = None
+    keys: ClientKeys | None = None
+    max_image_bytes: int = 100_000_000
 
 
 class Credit:
@@ -107,7 +110,8 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None):
             else:
                 encoded = None
                 outcome = optimize(job.input, job.output, settings, max_pixels=job.max_pixels,
-                                   tag=f"{worker_id}-{job.attempt}", input_roots=config.input_roots,
+                                   max_bytes=job.max_bytes, tag=f"{worker_id}-{job.attempt}",
+                                   input_roots=config.input_roots,
                                    output_roots=config.output_roots)
         except (ImageError, SettingsError) as exc:
             error = str(exc) if isinstance(exc, ImageError) else f"invalid setting: {exc}"
@@ -131,6 +135,7 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None):
 def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done: threading.Event) -> None:
     with make_socket(ctx, zmq.PUSH, linger=0, receives=False) as push:
         push.sndhwm = 10
+        secure_client(push, config.keys)
         push.connect(config.results_endpoint)
         while not done.wait(config.heartbeat_s):
             job_id, busy_s = busy.seconds()
@@ -158,11 +163,13 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
         warm_up()  # before the first "ready": a ready worker is a fast worker
     busy, beating = Busy(), threading.Event()
     with zmq.Context() as ctx:
-        dealer = make_socket(ctx, zmq.DEALER, linger=0)
+        dealer = make_socket(ctx, zmq.DEALER, linger=0, max_bytes=image_message_limit(config.max_image_bytes))
         dealer.routing_id = config.worker_id.encode()
         dealer.rcvhwm = max(2, config.credit * 2)
         push = make_socket(ctx, zmq.PUSH, linger=LINGER_MS, receives=False)
         push.sndtimeo = SEND_TIMEOUT_MS
+        for sock in (dealer, push):
+            secure_client(sock, config.keys)
         heart = threading.Thread(target=heartbeat_loop, args=(ctx, config, busy, beating),
                                  name="heartbeat", daemon=True)
         with dealer, push:

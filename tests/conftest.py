@@ -68,7 +68,8 @@ def run_launch(args, *, timeout=180, cwd=ROOT) -> subprocess.CompletedProcess:
 
 def start(module: str, *args, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.Popen(python_cmd("-m", module, *map(str, args)), cwd=ROOT, env=env, **popen)
+    popen.setdefault("cwd", ROOT)
+    return subprocess.Popen(python_cmd("-m", module, *map(str, args)), env=env, **popen)
 
 
 def stop(*procs, timeout=10.0) -> None:
