@@ -22,8 +22,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "samples")
 sys.path.insert(0, HERE)
 
-from loguru import logger  # noqa: E402
-
 from broker import config as common  # noqa: E402
 from broker.cli import (  # noqa: E402
     OneLineParser, UsageError, add_batch_arguments, batch_argv, batch_config_from_args,
@@ -33,6 +31,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Crashes worth a fresh worker; SIGKILL/SIGTERM mean someone stopped it on purpose.
 CRASH_SIGNALS = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
 STOP_WAIT_S = 5.0
+SUPERVISE_EVERY_S = 0.02
 
 
 def build_parser():
@@ -129,7 +128,7 @@ class Launcher:
                     _signal(proc, signal.SIGTERM)
             if self.broker.poll() is not None:
                 break
-            time.sleep(0.1)
+            time.sleep(SUPERVISE_EVERY_S)
         if self.reporter.poll() is None:
             # The broker ended without the reporter seeing a final report.
             _wait_or_stop(self.reporter, 2.0)
@@ -145,6 +144,8 @@ class Launcher:
                 continue
             self.workers.remove(worker)
             crashed = code > 0 or code in CRASH_SIGNALS
+            from loguru import logger
+
             if crashed and self.respawns_left > 0 and self.broker.poll() is None:
                 self.respawns_left -= 1
                 logger.warning("worker pid {} exited with {}; starting a new one", worker.pid, code)
@@ -177,6 +178,8 @@ def _wait_or_stop(proc: subprocess.Popen, timeout: float) -> None:
         try:
             proc.wait(STOP_WAIT_S)
         except subprocess.TimeoutExpired:
+            from loguru import logger
+
             logger.error("pid {} did not stop; killing it", proc.pid)
             proc.kill()
             proc.wait()
@@ -195,15 +198,18 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--grace and --no-worker-timeout cannot be negative")
     except UsageError as exc:
         parser.error(str(exc))
-    common.setup_logging("launch", args.log_dir, args.log_level)
     stop = common.StopFlag().install()
     run_dir = tempfile.mkdtemp(prefix="imgbus-")
     launcher = Launcher(args, run_dir)
     try:
-        launcher.start_reporter()
+        # Start everything first; the launcher's own logging can wait.
         launcher.start_broker()
         for _ in range(args.workers):
             launcher.start_worker()
+        launcher.start_reporter()
+        common.setup_logging("launch", args.log_dir, args.log_level)
+        from loguru import logger
+
         logger.info("started broker pid {}, reporter pid {}, workers {}", launcher.broker.pid,
                     launcher.reporter.pid, [w.pid for w in launcher.workers])
         code = launcher.supervise(stop)

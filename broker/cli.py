@@ -10,12 +10,8 @@ import argparse
 import os
 import sys
 
-from loguru import logger
-
 from broker import config as common
-from broker.inputs import BatchFileError
-from broker.security import SecurityError, make_keys
-from broker.server import BrokerConfig, run
+from broker.config import BrokerConfig
 from broker.settings import FORMATS, QUALITY_FORMATS, Settings, SettingsError, parse_resize
 
 
@@ -178,6 +174,8 @@ def keys_main(argv: list[str]) -> int:
     p.add_argument("--client", action="append", metavar="NAME",
                    help="make a client key pair NAME (repeatable; default: sidecar and reporter)")
     args = p.parse_args(argv)
+    from broker.security import make_keys
+
     clients = args.client or ["sidecar", "reporter"]
     made = make_keys(args.folder, clients)
     folder = args.folder
@@ -202,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         parser.error(str(exc))
     common.setup_logging("broker", args.log_dir, args.log_level)
+    from loguru import logger
+
+    from broker.inputs import BatchFileError
+    from broker.security import SecurityError
+    from broker.server import run
+
     stop = common.StopFlag(args.parent_pid).install()
     try:
         return run(config, stop)

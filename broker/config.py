@@ -9,16 +9,20 @@ Endpoints (the broker binds, sidecars and reporters connect):
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import sys
 import threading
 import time
 
-import zmq
-from loguru import logger
+from dataclasses import dataclass, field
 
-from broker import wire
+from broker.settings import Settings
+
+# zmq, loguru and the wire module are imported where used: the launcher reads
+# this module before it starts any process, and every millisecond there is
+# start-up time of the whole pipeline.
 
 DEFAULT_HOST = "127.0.0.1"
 JOBS_PORT, RESULTS_PORT, METRICS_PORT = 5557, 5558, 5559
@@ -28,6 +32,35 @@ DEFAULT_METRICS = f"tcp://{DEFAULT_HOST}:{METRICS_PORT}"
 
 # Linger: job and result sockets get a short grace to flush, PUB none.
 LINGER_MS = 1000
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    inputs: tuple[str, ...] = ()
+    jobs_file: str | None = None
+    output_dir: str = "out"
+    output_dir_given: bool = False
+    settings: Settings = field(default_factory=Settings)
+    jobs_endpoint: str = "tcp://127.0.0.1:5557"
+    results_endpoint: str = "tcp://127.0.0.1:5558"
+    metrics_endpoint: str = "tcp://127.0.0.1:5559"
+    report_json: str | None = None
+    results_jsonl: str | None = None
+    max_pixels: int = 268_402_689
+    skip_existing: bool = False
+    min_workers: int = 1
+    ready_wait_s: float = 10.0
+    max_attempts: int = 3
+    heartbeat_timeout_s: float = 5.0
+    job_timeout_s: float = 120.0
+    no_worker_timeout_s: float = 60.0
+    grace_s: float = 10.0
+    linger_s: float = 3.0
+    transport: str = "path"          # "bytes": images travel in the messages
+    max_image_bytes: int = 100_000_000
+    key_file: str | None = None      # CURVE: the broker's secret key...
+    authorized_keys: str | None = None  # ...and the folder of client public keys
+    insecure: bool = False
+
 
 STDERR_FORMAT = (
     "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
@@ -42,6 +75,8 @@ def worker_id() -> str:
 
 def setup_logging(component: str, log_dir: str | None, level: str = "INFO", **context) -> None:
     """Readable lines on stderr and one JSON-lines file per process for tailing."""
+    from loguru import logger
+
     logger.remove()
     logger.configure(extra={"component": component, "worker_id": None, "job_id": None, **context})
     logger.add(sys.stderr, level=level, format=STDERR_FORMAT, diagnose=False, backtrace=False)
@@ -62,9 +97,14 @@ def derive_endpoint(endpoint: str, port_offset: int) -> str:
     raise ValueError(f"cannot derive an endpoint from {endpoint!r}")
 
 
-def make_socket(ctx: zmq.Context, kind: int, *, linger: int = LINGER_MS, receives: bool = True,
-                max_bytes: int = wire.MAX_MESSAGE_BYTES):
+def make_socket(ctx, kind: int, *, linger: int = LINGER_MS, receives: bool = True,
+                max_bytes: int | None = None):
     """A socket with an explicit linger and, if it receives, a size limit."""
+    import zmq
+
+    from broker import wire
+
+    max_bytes = max_bytes or wire.MAX_MESSAGE_BYTES
     sock = ctx.socket(kind)
     sock.linger = linger
     if receives:
@@ -74,6 +114,8 @@ def make_socket(ctx: zmq.Context, kind: int, *, linger: int = LINGER_MS, receive
 
 def image_message_limit(max_image_bytes: int) -> int:
     """Largest message a socket that may carry an image accepts."""
+    from broker import wire
+
     return max_image_bytes + wire.MAX_MESSAGE_BYTES
 
 
@@ -89,6 +131,9 @@ class StopFlag:
         self.signal_name: str | None = None
         self.count = 0
         self.parent_pid = parent_pid
+        # Readable as soon as a signal arrives: poll loops include it so a
+        # stop request wakes them at once instead of at their next timeout.
+        self.wakeup_fd: int | None = None
 
     def set(self, name: str = "stop") -> None:
         self.signal_name = self.signal_name or name
@@ -105,11 +150,38 @@ class StopFlag:
         """Sleep up to ``timeout`` unless a signal beyond the ``seen``-th arrives."""
         deadline = time.monotonic() + timeout
         while self.count == seen and (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, 0.05))
+            if self.wakeup_fd is None:
+                time.sleep(min(left, 0.05))
+            elif select.select([self.wakeup_fd], [], [], left)[0]:
+                self.drain()
+
+    def poller(self, *sockets):
+        """A zmq.Poller for ``sockets`` (POLLIN) that a stop signal also wakes."""
+        import zmq
+
+        poller = zmq.Poller()
+        for sock in sockets:
+            poller.register(sock, zmq.POLLIN)
+        if self.wakeup_fd is not None:
+            poller.register(self.wakeup_fd, zmq.POLLIN)
+        return poller
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.wakeup_fd, 512):
+                pass
+        except (BlockingIOError, TypeError):
+            pass
 
     def install(self) -> StopFlag:
         def handler(signum, _frame):
             self.set(signal.Signals(signum).name)
+
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self.wakeup_fd = read_fd
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)

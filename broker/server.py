@@ -16,19 +16,17 @@ import dataclasses
 import os
 import time
 import uuid
-from dataclasses import dataclass
 
 import zmq
 from loguru import logger
 
 from broker import wire
-from broker.config import StopFlag, image_message_limit, make_socket
+from broker.config import BrokerConfig, StopFlag, image_message_limit, make_socket
 from broker.dispatch import Dispatcher, Lost
 from broker.inputs import Plan, Planner
 from broker.metrics import BatchMetrics
 from broker.paths import PathError, check_output_path, read_input, sweep_temp_files, write_atomically
 from broker.security import check_exposure, secure_server, server_keys, start_authenticator
-from broker.settings import Settings
 
 PROGRESS_EVERY_S = 0.25
 METRICS_EVERY_S = 1.0
@@ -36,35 +34,6 @@ HOUSEKEEPING_EVERY_S = 0.5
 FINAL_EVERY_S = 0.25
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    inputs: tuple[str, ...] = ()
-    jobs_file: str | None = None
-    output_dir: str = "out"
-    output_dir_given: bool = False
-    settings: Settings = Settings()
-    jobs_endpoint: str = "tcp://127.0.0.1:5557"
-    results_endpoint: str = "tcp://127.0.0.1:5558"
-    metrics_endpoint: str = "tcp://127.0.0.1:5559"
-    report_json: str | None = None
-    results_jsonl: str | None = None
-    max_pixels: int = 268_402_689
-    skip_existing: bool = False
-    min_workers: int = 1
-    ready_wait_s: float = 10.0
-    max_attempts: int = 3
-    heartbeat_timeout_s: float = 5.0
-    job_timeout_s: float = 120.0
-    no_worker_timeout_s: float = 60.0
-    grace_s: float = 10.0
-    linger_s: float = 3.0
-    transport: str = "path"          # "bytes": images travel in the messages
-    max_image_bytes: int = 100_000_000
-    key_file: str | None = None      # CURVE: the broker's secret key...
-    authorized_keys: str | None = None  # ...and the folder of client public keys
-    insecure: bool = False
 
 
 def plan_batch(config: BrokerConfig, batch_id: str) -> Plan:
@@ -311,14 +280,14 @@ def _serve_batch(broker: Broker, router, pull, pub, stop: StopFlag) -> int:
 
 def _loop(broker: Broker, router, pull, pub, stop: StopFlag) -> tuple[str, int]:
     cfg = broker.config
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
-    poller.register(pull, zmq.POLLIN)
+    poller = stop.poller(router, pull)
     last_progress = last_metrics = last_house = 0.0
     signals_seen = False
     while True:
         events = dict(poller.poll(100))
         now = time.monotonic()
+        if stop.wakeup_fd in events:
+            stop.drain()
         if router in events:
             _drain(router, broker, now, from_router=True)
         if pull in events:

@@ -74,8 +74,10 @@ def run(config: ReporterConfig, stop: StopFlag) -> int:
         sub.subscribe(wire.Metrics.KIND)
         sub.connect(config.endpoint)
         logger.info("subscribed to {}", config.endpoint)
+        poller = stop.poller(sub)
         while not stop and not stop.parent_gone():
-            if not sub.poll(200):
+            if sub not in dict(poller.poll(200)):
+                stop.drain()
                 continue
             try:
                 msg = wire.decode(sub.recv_multipart(), (wire.Progress, wire.Metrics))

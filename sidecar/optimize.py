@@ -127,7 +127,8 @@ def _lap(timings: dict, stage: str, start: float) -> float:
 
 def decode(data: bytes, settings: Settings, max_pixels: int):
     """Decode ``data`` upright in sRGB; return (image, input format, upright size)."""
-    header = _vips(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential"))
+    # Only the header is read here; pixels are decoded by copy_memory() below.
+    header = _vips(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="truncated"))
     in_format = _loader_format(header)
     pages = _get(header, "n-pages", 1)
     width, height = header.width, header.height
@@ -146,28 +147,34 @@ def decode(data: bytes, settings: Settings, max_pixels: int):
         image = _vips(lambda: pyvips.Image.new_from_buffer(
             data, "", n=-1, access="sequential", fail_on="truncated"))
     else:
-        # Rotating reads rows out of order: a sequential decode cannot serve it.
-        access = "sequential" if orientation in (0, 1) else "random"
-        image = _load_shrunk(data, in_format, (width, height), settings, access).autorot()
+        options = _load_options(in_format, (width, height), settings)
+        if orientation not in (0, 1):
+            # Rotating reads rows out of order: a sequential decode cannot serve it.
+            options["access"] = "random"
+        if options == {"access": "sequential"}:
+            image = header  # nothing to change: decode what is already open
+        else:
+            image = _vips(lambda: pyvips.Image.new_from_buffer(data, "", fail_on="truncated", **options))
+        if orientation not in (0, 1):
+            image = image.autorot()
     image = _vips(_to_srgb(image).copy_memory)
     return image, in_format, (width, height)
 
 
-def _load_shrunk(data: bytes, in_format: str, upright: tuple[int, int], settings: Settings,
-                 access: str):
-    """Load, letting JPEG and WebP decode at a reduced size when resizing down.
+def _load_options(in_format: str, upright: tuple[int, int], settings: Settings) -> dict:
+    """Let JPEG and WebP decode at a reduced size when resizing down.
 
     Decoding stops at about twice the target size so that a proper resample
     (lanczos3) does the last step, as libvips' own thumbnail does.
     """
     target = target_size(*upright, settings.resize_mode, settings.resize_size)
     factor = upright[0] / target[0]
-    options = {"access": access, "fail_on": "truncated"}
+    options = {"access": "sequential"}
     if in_format == "jpeg" and factor >= 4:
         options["shrink"] = max(s for s in (2, 4, 8) if 2 * s <= factor)
     elif in_format == "webp" and factor > 2:
         options["scale"] = 2 / factor
-    return _vips(lambda: pyvips.Image.new_from_buffer(data, "", **options))
+    return options
 
 
 def _to_srgb(image):

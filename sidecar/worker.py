@@ -33,7 +33,7 @@ from sidecar.optimize import ImageError, configure_vips, optimize, optimize_byte
 EXIT_JOB_TIMEOUT = 75
 POLL_MS = 200
 SEND_TIMEOUT_MS = 10_000
-BYE_LINGER_MS = 200
+BYE_LINGER_MS = 50
 
 
 @dataclass(frozen=True)
@@ -197,8 +197,11 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
     announce()
     last_job = time.monotonic()
     handled = 0
+    poller = stop.poller(dealer)
     while not stop and not stop.parent_gone():
-        if not dealer.poll(POLL_MS):
+        events = dict(poller.poll(POLL_MS))
+        if dealer not in events:
+            stop.drain()
             if time.monotonic() - last_job >= config.idle_ready_s:
                 # Idle: remind the broker we are here (it may have written us off).
                 announce()
