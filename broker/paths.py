@@ -26,12 +26,14 @@ class FolderCache:
         self._folders: dict[str, str] = {}
 
     def __call__(self, path: str) -> str:
-        if os.path.islink(path):
+        # Never fold ".." by hand: "link/.." is the parent of the link's
+        # target, not of the link. realpath() resolves in the right order.
+        folder, name = os.path.split(path)
+        if name in ("", ".", "..") or os.path.islink(path):
             return os.path.realpath(path)
-        folder, name = os.path.split(os.path.abspath(path))
         real = self._folders.get(folder)
         if real is None:
-            real = self._folders[folder] = os.path.realpath(folder)
+            real = self._folders[folder] = os.path.realpath(folder or ".")
         return os.path.join(real, name)
 
 
@@ -67,10 +69,10 @@ def check_output_path(input_path: str, output_path: str, output_root: str | None
         raise PathError(f"output path {output_path} is outside the output folder {output_root}")
 
 
-def check_confined(path: str, roots: tuple[str, ...], what: str) -> None:
+def check_confined(path: str, roots: tuple[str, ...], what: str, resolve=os.path.realpath) -> None:
     """Raise PathError unless ``path`` (links resolved) lies under one of ``roots``."""
-    real = os.path.realpath(path)
-    if not any(is_within(real, os.path.realpath(root)) for root in roots):
+    real = resolve(path)
+    if not any(is_within(real, resolve(root)) for root in roots):
         raise PathError(f"{what} path {path} is outside this worker's {what} folders; refused")
 
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 import pyvips
 
-from broker.paths import PathError, check_confined, check_output_path, read_input, write_atomically
+from broker.paths import (
+    FolderCache, PathError, check_confined, check_output_path, read_input, write_atomically,
+)
 from broker.settings import ALPHA_FORMATS, ANIMATED_FORMATS, Settings, output_format, target_size
 from broker.sniff import HEAD_BYTES, describe_non_image, image_format
 
@@ -74,11 +76,12 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
     """
     start = time.perf_counter()
     try:
-        check_output_path(input_path, output_path)
+        resolve = FolderCache()  # each path resolved once for all the checks
+        check_output_path(input_path, output_path, resolve=resolve)
         if input_roots is not None:
-            check_confined(input_path, input_roots, "input")
+            check_confined(input_path, input_roots, "input", resolve)
         if output_roots is not None:
-            check_confined(output_path, output_roots, "output")
+            check_confined(output_path, output_roots, "output", resolve)
         data = read_input(input_path, max_bytes)
     except PathError as exc:
         raise ImageError(str(exc)) from None

@@ -56,14 +56,16 @@ class WorkerConfig:
 class Credit:
     """How many jobs to ask for: enough queued work to cover a round trip.
 
-    Image jobs take milliseconds, so the configured credit (2: one running,
-    one waiting) keeps the pipe full without hoarding. Jobs of microseconds
-    (a no-op benchmark, tiny thumbnails) need a deeper queue or the worker
-    idles between jobs; the credit grows up to MAX, in proportion.
+    Large images take a second or more, so the configured credit (2: one
+    running, one waiting) keeps the pipe full without hoarding. Short jobs
+    (thumbnails, a no-op benchmark) need a deeper queue: when every core is
+    busy the broker may wait a scheduler slice (several ms) before it can
+    refill, and the worker must not run dry meanwhile. The credit covers
+    about QUEUED_WORK_S of work, up to MAX.
     """
 
     MAX = 64
-    QUEUED_WORK_S = 0.002
+    QUEUED_WORK_S = 0.02
 
     def __init__(self, base: int):
         self.base = self.value = base

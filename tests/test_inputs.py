@@ -120,3 +120,12 @@ def test_batch_file_outputs_get_their_real_extension(photo, tmp_path):
     p = planner(tmp_path / "out")
     p.add_batch_file(str(batch))
     assert [os.path.basename(j.output) for j in p.plan.jobs] == ["y.webp", "wood.jpg"]
+
+
+def test_folder_cache_resolves_links_before_dotdot(tmp_path):
+    from broker.paths import FolderCache
+    (tmp_path / "target" / "deep").mkdir(parents=True)
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "target" / "deep")
+    tricky = f"{tmp_path}/root/link/../x.jpg"
+    assert FolderCache()(tricky) == os.path.realpath(tricky) == str(tmp_path / "target" / "x.jpg")

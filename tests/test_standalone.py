@@ -167,12 +167,17 @@ def test_worker_refuses_jobs_outside_its_folders(tmp_path):
     make_photo(str(secret))
     link = src / "link-to-secret.jpg"
     link.symlink_to(secret)
+    (tmp_path / "elsewhere-dir" / "deeper").mkdir(parents=True)
+    make_photo(str(tmp_path / "elsewhere-dir" / "p00.jpg"))
+    (src / "up").symlink_to(tmp_path / "elsewhere-dir" / "deeper")
+    dotdot = f"{src}/up/../p00.jpg"   # lexically in/p00.jpg; really elsewhere-dir/p00.jpg
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(j) for j in [
         {"job": "ok", "input": str(src / "p00.jpg"), "output": str(tmp_path / "out" / "ok.jpg")},
         {"job": "passwd", "input": "/etc/passwd", "output": str(tmp_path / "out" / "passwd.jpg")},
         {"job": "secret", "input": str(secret), "output": str(tmp_path / "out" / "secret.jpg")},
         {"job": "via-link", "input": str(link), "output": str(tmp_path / "out" / "link.jpg")},
+        {"job": "dotdot", "input": dotdot, "output": str(tmp_path / "out" / "dotdot.jpg")},
         {"job": "escape", "input": str(src / "p01.jpg"), "output": str(tmp_path / "elsewhere" / "x.jpg")},
     ]) + "\n")
     broker = start("broker", "--jobs", jobs, "--jobs-endpoint", ep["jobs"], "--results-endpoint", ep["results"],
@@ -183,7 +188,7 @@ def test_worker_refuses_jobs_outside_its_folders(tmp_path):
         assert broker.wait(60) == 1
         lines = {l["job_id"]: l for l in map(json.loads, open(tmp_path / "res.jsonl"))}
         assert lines["ok"]["ok"]
-        for job in ("passwd", "secret", "via-link"):
+        for job in ("passwd", "secret", "via-link", "dotdot"):
             assert "outside this worker's input folders" in lines[job]["error"]
         assert "outside this worker's output folders" in lines["escape"]["error"]
         assert os.listdir(tmp_path / "out") == ["ok.jpg"] and not (tmp_path / "elsewhere").exists()
