@@ -30,6 +30,8 @@ class WorkerStats:
     failures: int = 0
     busy_s: float = 0.0
     state: str = "live"
+    rss_mb: float = 0.0
+    peak_rss_mb: float = 0.0
 
 
 @dataclass
@@ -171,6 +173,8 @@ class BatchMetrics:
                 "utilisation_pct": round(min(100.0, 100 * stats.busy_s / window), 1),
                 "state": stats.state,
                 "holding": live_workers.get(stats.id, 0),
+                "rss_mb": round(stats.rss_mb, 1),
+                "peak_rss_mb": round(stats.peak_rss_mb, 1),
             })
         rows.sort(key=lambda r: r["id"])
         tasks = [r["tasks"] for r in rows]

@@ -87,6 +87,8 @@ class Broker:
     def handle_heartbeat(self, msg: wire.Heartbeat, now: float) -> None:
         if self.dispatcher.seen(msg.worker_id, now, msg.busy_job, msg.busy_s):
             self.last_worker_seen = now
+            stats = self.metrics.worker(msg.worker_id, now)
+            stats.rss_mb, stats.peak_rss_mb = msg.rss_mb, max(stats.peak_rss_mb, msg.peak_rss_mb)
 
     def handle_bye(self, msg: wire.Bye, now: float) -> None:
         logger.info("worker {} left: {}", msg.worker_id, msg.reason)

@@ -93,6 +93,8 @@ class Heartbeat:
     worker_id: str
     busy_job: str | None = None
     busy_s: float = 0.0
+    rss_mb: float = 0.0       # resident memory now
+    peak_rss_mb: float = 0.0  # and at its highest so far
 
 
 @dataclass(frozen=True, slots=True)

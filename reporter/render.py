@@ -70,10 +70,12 @@ def _pool(s: dict) -> list[str]:
         lines.append(f"  Lost workers:          {', '.join(w['dead'])}")
     if w["per_worker"]:
         width = max(len("worker"), *(len(r["id"]) for r in w["per_worker"]))
-        lines.append(f"  {'worker':<{width}}  {'tasks':>6} {'failed':>6} {'busy':>10} {'util':>6}  state")
+        lines.append(f"  {'worker':<{width}}  {'tasks':>6} {'failed':>6} {'busy':>10} {'util':>6} "
+                     f"{'peak RSS':>9}  state")
         for r in w["per_worker"]:
+            peak = f"{r['peak_rss_mb']:.0f} MB" if r.get("peak_rss_mb") else "-"
             lines.append(f"  {r['id']:<{width}}  {r['tasks']:>6} {r['failures']:>6} "
-                         f"{duration(r['busy_s']):>10} {r['utilisation_pct']:>5.1f}%  {r['state']}")
+                         f"{duration(r['busy_s']):>10} {r['utilisation_pct']:>5.1f}% {peak:>9}  {r['state']}")
     return lines
 
 

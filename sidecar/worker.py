@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import socket
 import threading
 import time
@@ -148,7 +149,18 @@ def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done: thr
                 _send(push, wire.Bye(config.worker_id, reason, job_id))
                 time.sleep(0.5)  # let the bye leave before the process does
                 os._exit(EXIT_JOB_TIMEOUT)
-            _send(push, wire.Heartbeat(config.worker_id, job_id, busy_s))
+            _send(push, wire.Heartbeat(config.worker_id, job_id, busy_s, *memory_mb()))
+
+
+def memory_mb() -> tuple[float, float]:
+    """(resident now, peak resident) of this process, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:
+        now = 0.0
+    return now, peak * 1.024
 
 
 def _send(sock, msg) -> bool:
