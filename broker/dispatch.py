@@ -82,6 +82,11 @@ class Dispatcher:
         worker.busy_job, worker.busy_s = busy_job, busy_s
         return True
 
+    def forgive(self, now: float) -> None:
+        """Restart every worker's silence clock (after the broker itself was paused)."""
+        for worker in self.workers.values():
+            worker.last_seen = now
+
     def silent_workers(self, now: float, timeout: float) -> list[str]:
         return [w.id for w in self.workers.values() if now - w.last_seen > timeout]
 
@@ -179,7 +184,8 @@ class Dispatcher:
 
     @property
     def queued(self) -> int:
-        return len(self.queue)
+        """Jobs waiting to be sent (the deque may still hold some finished meanwhile)."""
+        return len(self.jobs) - self.finished - self.leased
 
     def held_by(self) -> dict[str, int]:
         return {w.id: len(w.held) for w in self.workers.values()}

@@ -1,15 +1,21 @@
 """Turn what the user named into jobs: folders, files, or a batch file.
 
-Folders are walked recursively; a file becomes a job when its content is an
-image, or when its name promises one (so a broken ``.jpg`` gets a clear
-per-file error rather than silently disappearing). The output tree mirrors
-the input tree, each output named with its real format's extension. An
-output folder inside an input folder is left out of the walk.
+Folders are walked recursively (linked folders too, each real folder once);
+a regular file becomes a job when its content is an image, or when its name
+promises one (so a broken ``.jpg`` gets a clear per-file error rather than
+silently disappearing). The output tree mirrors the input tree, each output
+named with its real format's extension. An output folder inside an input
+folder is left out of the walk.
+
+Planning is two passes: every candidate job is collected first, then the
+batch is checked as a whole, so that no output can land on another job's
+input or on another job's output.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from broker import wire
@@ -17,6 +23,11 @@ from broker.paths import TEMP_SUFFIX, FolderCache, PathError, check_output_path,
 from broker.settings import Settings, SettingsError, output_format, with_real_extension
 from broker.sniff import HEAD_BYTES, IMAGE_EXTENSIONS, image_format
 from broker.wire import Job
+
+MAX_PATH_BYTES = 4096
+MAX_JOB_ID = 200
+# A job message must stay far below what a receiving socket accepts.
+MAX_JOB_MESSAGE = wire.MAX_MESSAGE_BYTES // 4
 
 
 @dataclass(frozen=True)
@@ -37,35 +48,56 @@ class Plan:
     ignored_files: int = 0      # non-image files met while walking
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    job_id: str
+    input: str
+    output: str
+    settings: Settings
+    derived: bool
+
+
 class BatchFileError(ValueError):
     """The batch file itself cannot be read."""
 
 
-def _read_head(path: str) -> bytes:
+class PlanningInterrupted(Exception):
+    """A stop signal arrived while the batch was being planned."""
+
+
+def printable(path: str) -> str:
+    """A path as text that always encodes: undecodable bytes shown as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` cannot travel in a job message, or None."""
+    if "\0" in path:
+        return "path contains a NUL byte"
     try:
-        with open(path, "rb") as f:
-            return f.read(HEAD_BYTES)
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (rename it to process it)"
+    if len(encoded) > MAX_PATH_BYTES:
+        return f"path is longer than {MAX_PATH_BYTES} bytes"
+    return None
+
+
+def read_head(path: str) -> bytes | None:
+    """The first bytes of a regular file; None for anything else (FIFO, device,
+    folder, unreadable), without ever blocking on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, HEAD_BYTES)
     except OSError:
-        return b""
-
-
-def walk_images(root: str, exclude: str | None) -> tuple[list[tuple[str, bytes]], int]:
-    """(path, head bytes) of candidate images under ``root``, sorted; and how many files were not."""
-    found, ignored = [], 0
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs
-                         if not (exclude and is_within(os.path.realpath(os.path.join(folder, d)), exclude)))
-        for name in sorted(files):
-            if name.endswith(TEMP_SUFFIX):
-                continue
-            path = os.path.join(folder, name)
-            head = _read_head(path)
-            ext = os.path.splitext(name)[1].lower()
-            if image_format(head) or ext in IMAGE_EXTENSIONS:
-                found.append((path, head))
-            else:
-                ignored += 1
-    return found, ignored
+        return None
+    finally:
+        os.close(fd)
 
 
 class Planner:
@@ -73,7 +105,7 @@ class Planner:
 
     def __init__(self, batch_id: str, output_root: str, settings: Settings, *,
                  max_pixels: int, max_bytes: int = 0, skip_existing: bool = False,
-                 confine_outputs: bool = True):
+                 confine_outputs: bool = True, should_stop=lambda: False):
         self.batch_id = batch_id
         self.output_root = os.path.abspath(output_root)
         self.settings = settings
@@ -81,9 +113,13 @@ class Planner:
         self.max_bytes = max_bytes
         self.skip_existing = skip_existing
         self.confine_outputs = confine_outputs
-        self.plan = Plan([], [], [])
+        self.should_stop = should_stop
+        self.ignored_files = 0
+        self._candidates: list[_Candidate] = []
+        self._rejected: list[Rejected] = []
         self._ids: set[str] = set()
-        self._outputs: set[str] = set()
+        self._reserved: set[str] = set()   # ids a batch file names explicitly
+        self._derived_outputs: set[str] = set()
         self._resolve = FolderCache()
 
     # -- sources -------------------------------------------------------
@@ -93,13 +129,10 @@ class Planner:
             if os.path.isdir(given):
                 base = os.path.basename(os.path.normpath(os.path.abspath(given)))
                 prefix = base if len(inputs) > 1 else ""
-                found, ignored = walk_images(given, exclude)
-                self.plan.ignored_files += ignored
-                for path, head in found:
-                    rel = os.path.join(prefix, os.path.relpath(path, given))
-                    self._add_derived(path, rel, head, self.settings)
+                for path, head in self._walk(given, exclude):
+                    self._add_derived(path, os.path.join(prefix, os.path.relpath(path, given)), head)
             else:
-                self._add_derived(given, os.path.basename(given), _read_head(given), self.settings)
+                self._add_derived(given, os.path.basename(given), read_head(given))
 
     def add_batch_file(self, path: str) -> None:
         try:
@@ -107,87 +140,157 @@ class Planner:
                 lines = f.read().splitlines()
         except OSError as exc:
             raise BatchFileError(f"cannot read batch file {path}: {exc.strerror or exc}") from None
+        entries = []
         for number, raw in enumerate(lines, 1):
             if raw.strip():
-                self._add_line(number, raw)
+                try:
+                    entries.append((number, wire.loads(raw), None))
+                except wire.WireError as exc:
+                    entries.append((number, None, f"not valid JSON ({exc})"))
+        # Ids named in the file are the user's: generated ids never take them.
+        self._reserved = {e.get("job") for _, e, _ in entries if isinstance(e, dict) and isinstance(e.get("job"), str)}
+        for number, entry, error in entries:
+            self._tick()
+            self._add_line(number, entry, error)
+
+    # -- the whole batch ------------------------------------------------
+    def plan(self) -> Plan:
+        """Check the batch as a whole and return it."""
+        plan = Plan([], list(self._rejected), [], self.ignored_files)
+        inputs = {}
+        for c in self._candidates:
+            inputs.setdefault(self._resolve(c.input), c.job_id)
+        outputs: dict[str, str] = {}
+        root = self.output_root
+        for c in self._candidates:
+            self._tick()
+            try:
+                check_output_path(c.input, c.output, root if (self.confine_outputs or c.derived) else None,
+                                  self._resolve)
+                real_out = self._resolve(c.output)
+                if real_out in inputs:
+                    raise PathError(f"output {c.output} would overwrite the input of job {inputs[real_out]}")
+                if real_out in outputs:
+                    raise PathError(f"output {c.output} is already the output of job {outputs[real_out]}")
+            except (PathError, ValueError, OSError) as exc:
+                plan.rejected.append(Rejected(c.job_id, c.input, c.output, str(exc)))
+                continue
+            outputs[real_out] = c.job_id
+            job = Job(job_id=c.job_id, batch_id=self.batch_id, input=c.input, output=c.output,
+                      settings=c.settings.to_dict(), max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+            if len(wire.encode(job)[1]) > MAX_JOB_MESSAGE:
+                plan.rejected.append(Rejected(c.job_id, c.input, c.output, "job is too large to send"))
+            elif self.skip_existing and os.path.isfile(c.output):
+                plan.skipped.append(job)
+            else:
+                plan.jobs.append(job)
+        return plan
 
     # -- one job -------------------------------------------------------
-    def _add_line(self, number: int, raw: bytes) -> None:
+    def _add_line(self, number: int, entry, error: str | None) -> None:
         where = f"batch file line {number}"
-        try:
-            entry = wire.loads(raw)
-        except wire.WireError as exc:
-            return self._reject(f"line-{number}", "", "", f"{where}: not valid JSON ({exc})")
-        if not isinstance(entry, dict) or not isinstance(entry.get("input"), str) or not entry["input"]:
-            return self._reject(f"line-{number}", "", "", f"{where}: needs an \"input\" path")
+        if error is None and (not isinstance(entry, dict) or not isinstance(entry.get("input"), str)
+                              or not entry["input"]):
+            error = 'needs an "input" path'
+        if error is not None:
+            return self._reject(self._unique(f"line-{number}"), "", "", f"{where}: {error}")
         job_id = entry.get("job")
-        if job_id is not None and not isinstance(job_id, str):
-            return self._reject(f"line-{number}", entry["input"], "", f"{where}: \"job\" must be a string")
+        if job_id is not None and (not isinstance(job_id, str) or not job_id or len(job_id) > MAX_JOB_ID):
+            return self._reject(self._unique(f"line-{number}"), entry["input"], "",
+                                f'{where}: "job" must be a string of 1 to {MAX_JOB_ID} characters')
+        if job_id in self._ids:
+            return self._reject(self._unique(f"line-{number}"), entry["input"], "",
+                                f"{where}: job id {job_id!r} is used twice")
         job_id = job_id or self._next_id()
         output = entry.get("output")
         if output is not None and not isinstance(output, str):
-            return self._reject(job_id, entry["input"], "", f"{where}: \"output\" must be a string")
+            return self._reject(job_id, entry["input"], "", f'{where}: "output" must be a string')
         try:
             settings = self.settings.merged(entry.get("settings") or {})
         except SettingsError as exc:
             return self._reject(job_id, entry["input"], output or "", f"invalid setting: {exc}")
-        if job_id in self._ids:
-            return self._reject(f"line-{number}", entry["input"], output or "",
-                                f"{where}: job id {job_id!r} is used twice")
         if output is None:
-            self._add_derived(entry["input"], os.path.basename(entry["input"]),
-                              _read_head(entry["input"]), settings, job_id)
-        else:
-            if not os.path.isabs(output):
-                output = os.path.join(self.output_root, output)
-            real = image_format(_read_head(entry["input"]))
-            if real:
-                output = with_real_extension(output, output_format(settings.format, real))
-            self._add(job_id, entry["input"], output, settings)
+            return self._add_derived(entry["input"], os.path.basename(entry["input"]),
+                                     read_head(entry["input"]), settings, job_id)
+        if not os.path.isabs(output):
+            output = os.path.join(self.output_root, output)
+        self._add(job_id, entry["input"], output, settings, read_head(entry["input"]), derived=False)
 
-    def _add_derived(self, input_path: str, rel: str, head: bytes, settings: Settings,
+    def _add_derived(self, input_path: str, rel: str, head: bytes | None, settings: Settings | None = None,
                      job_id: str | None = None) -> None:
-        output = os.path.join(self.output_root, rel)
-        real = image_format(head)
+        self._tick()
+        output = self._unique_output(os.path.join(self.output_root, rel), os.path.splitext(rel)[1], head,
+                                     settings or self.settings)
+        self._add(job_id or self._next_id(), input_path, output, settings or self.settings, head, derived=True)
+
+    def _add(self, job_id: str, input_path: str, output: str, settings: Settings, head: bytes | None,
+             derived: bool) -> None:
+        problem = path_problem(input_path) or path_problem(output)
+        if problem:
+            return self._reject(job_id, printable(input_path), printable(output), problem)
+        real = image_format(head) if head else None
         if real:
             output = with_real_extension(output, output_format(settings.format, real))
-        output = self._unique_output(output, os.path.splitext(rel)[1])
-        self._add(job_id or self._next_id(), input_path, output, settings, derived=True)
-
-    def _add(self, job_id: str, input_path: str, output: str, settings: Settings,
-             derived: bool = False) -> None:
-        root = self.output_root if (self.confine_outputs or derived) else None
-        try:
-            check_output_path(input_path, output, root, self._resolve)
-        except PathError as exc:
-            return self._reject(job_id, input_path, output, str(exc))
         self._ids.add(job_id)
-        self._outputs.add(output)
-        job = Job(job_id=job_id, batch_id=self.batch_id, input=input_path, output=output,
-                  settings=settings.to_dict(), max_pixels=self.max_pixels, max_bytes=self.max_bytes)
-        if self.skip_existing and os.path.isfile(output):
-            self.plan.skipped.append(job)
-        else:
-            self.plan.jobs.append(job)
+        self._candidates.append(_Candidate(job_id, input_path, output, settings, derived))
 
-    def _unique_output(self, output: str, source_ext: str) -> str:
+    def _unique_output(self, output: str, source_ext: str, head: bytes | None, settings: Settings) -> str:
         """Two inputs that would share an output (a.png, a.jpg -> a.webp) both keep theirs."""
-        if output not in self._outputs:
-            return output
+        real = image_format(head) if head else None
+        if real:
+            output = with_real_extension(output, output_format(settings.format, real))
+        candidate, n = output, 2
         stem, ext = os.path.splitext(output)
-        candidate = f"{stem}-{source_ext.lstrip('.')}{ext}"
-        n = 2
-        while candidate in self._outputs:
-            candidate = f"{stem}-{source_ext.lstrip('.')}-{n}{ext}"
+        while candidate in self._derived_outputs:
+            suffix = source_ext.lstrip(".") + ("" if n == 2 else f"-{n}")
+            candidate = f"{stem}-{suffix}{ext}"
             n += 1
+        self._derived_outputs.add(candidate)
         return candidate
 
     def _reject(self, job_id: str, input_path: str, output: str, error: str) -> None:
         self._ids.add(job_id)
-        self.plan.rejected.append(Rejected(job_id, input_path, output, error))
+        self._rejected.append(Rejected(job_id, printable(input_path), printable(output), error))
+
+    def _unique(self, wanted: str) -> str:
+        candidate, n = wanted, 2
+        while candidate in self._ids or candidate in self._reserved:
+            candidate, n = f"{wanted}-{n}", n + 1
+        return candidate
 
     def _next_id(self) -> str:
-        n = len(self._ids) + 1
-        while f"j{n:06d}" in self._ids:
-            n += 1
-        return f"j{n:06d}"
+        return self._unique(f"j{len(self._ids) + 1:06d}")
+
+    def _tick(self) -> None:
+        if self.should_stop():
+            raise PlanningInterrupted()
+
+    # -- walking ---------------------------------------------------------
+    def _walk(self, root: str, exclude: str | None):
+        """(path, head) of candidate images under ``root``, sorted, following
+        linked folders but visiting each real folder once."""
+        seen: set[str] = set()
+
+        def unreadable(exc: OSError) -> None:
+            self._reject(self._unique("folder"), exc.filename or root, "",
+                         f"cannot read folder: {exc.strerror or exc}")
+
+        for folder, dirs, files in os.walk(root, followlinks=True, onerror=unreadable):
+            real = os.path.realpath(folder)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs[:] = sorted(d for d in dirs
+                             if not (exclude and is_within(os.path.realpath(os.path.join(folder, d)), exclude)))
+            for name in sorted(files):
+                self._tick()
+                if name.endswith(TEMP_SUFFIX):
+                    continue
+                path = os.path.join(folder, name)
+                head = read_head(path)
+                ext = os.path.splitext(name)[1].lower()
+                if (head is not None and image_format(head)) or ext in IMAGE_EXTENSIONS:
+                    yield path, head
+                else:
+                    self.ignored_files += 1

@@ -9,6 +9,7 @@ temporary name in the same folder, then renamed.
 from __future__ import annotations
 
 import os
+import stat
 
 TEMP_SUFFIX = ".imgbus-tmp"
 
@@ -38,18 +39,35 @@ class FolderCache:
 
 
 def read_input(path: str, max_bytes: int = 0) -> bytes:
-    """The whole input file, or PathError with a message fit for a person."""
+    """The whole input file, or PathError with a message fit for a person.
+
+    Only regular files are read (a FIFO would block, /dev/zero never ends),
+    and never more than ``max_bytes``, even if the file grows meanwhile.
+    """
     try:
-        with open(path, "rb") as f:
-            if max_bytes and os.fstat(f.fileno()).st_size > max_bytes:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(path)
+            if not stat.S_ISREG(info.st_mode):
+                raise PathError("input is not a regular file (a pipe, socket or device)")
+            if max_bytes and info.st_size > max_bytes:
                 raise PathError(f"input is larger than the limit of {max_bytes / 1e6:.0f} MB (--max-image-mb)")
-            return f.read()
+            data = f.read(max_bytes + 1) if max_bytes else f.read()
+            if max_bytes and len(data) > max_bytes:
+                raise PathError(f"input is larger than the limit of {max_bytes / 1e6:.0f} MB (--max-image-mb)")
+            return data
+    except PathError:
+        raise
     except FileNotFoundError:
         raise PathError("input file not found") from None
     except IsADirectoryError:
         raise PathError("input is a folder, not a file") from None
     except OSError as exc:
         raise PathError(f"cannot read input: {exc.strerror or exc}") from None
+    except ValueError:
+        raise PathError("input path contains a NUL byte") from None
 
 
 def check_output_path(input_path: str, output_path: str, output_root: str | None = None,

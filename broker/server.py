@@ -23,28 +23,31 @@ from loguru import logger
 from broker import wire
 from broker.config import BrokerConfig, StopFlag, image_message_limit, make_socket
 from broker.dispatch import Dispatcher, Lost
-from broker.inputs import Plan, Planner
+from broker.inputs import Plan, PlanningInterrupted, Planner
 from broker.metrics import BatchMetrics
 from broker.paths import PathError, check_output_path, read_input, sweep_temp_files, write_atomically
-from broker.security import check_exposure, secure_server, server_keys, start_authenticator
+from broker.security import SecurityError, check_exposure, secure_server, server_keys, start_authenticator
 
 PROGRESS_EVERY_S = 0.25
 METRICS_EVERY_S = 1.0
 HOUSEKEEPING_EVERY_S = 0.5
+PAUSE_S = 2.0
+PUBLISHED_LIST_MAX = 100
+PUBLISHED_TEXT_MAX = 400
 FINAL_EVERY_S = 0.25
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 
-def plan_batch(config: BrokerConfig, batch_id: str) -> Plan:
+def plan_batch(config: BrokerConfig, batch_id: str, stop: StopFlag | None = None) -> Plan:
     planner = Planner(batch_id, config.output_dir, config.settings, max_pixels=config.max_pixels,
                       max_bytes=config.max_image_bytes, skip_existing=config.skip_existing,
-                      confine_outputs=config.output_dir_given)
+                      confine_outputs=config.output_dir_given, should_stop=lambda: bool(stop))
     if config.inputs:
         planner.add_inputs(list(config.inputs))
     if config.jobs_file:
         planner.add_batch_file(config.jobs_file)
-    return planner.plan
+    return planner.plan()
 
 
 class Broker:
@@ -56,7 +59,10 @@ class Broker:
         self.dispatcher = Dispatcher(plan.jobs, max_attempts=config.max_attempts)
         total = len(plan.jobs) + len(plan.rejected) + len(plan.skipped)
         self.metrics = BatchMetrics(batch_id, total)
-        self.results = open(config.results_jsonl, "wb", buffering=0) if config.results_jsonl else None
+        # Opened only once the sockets are bound: a broker that cannot start
+        # (say, its ports are taken) must not truncate someone's results file.
+        self.results = None
+        self._pending_lines: list[bytes] = []
         self.first_ready: float | None = None
         self.dispatching = False
         self.last_worker_seen = time.monotonic()
@@ -211,10 +217,20 @@ class Broker:
         return wire.Progress(self.batch_id, m.total, m.finished, m.failed, self.dispatcher.leased,
                              len(self.dispatcher.workers), now - m.started)
 
+    def open_results(self) -> None:
+        if self.config.results_jsonl:
+            self.results = open(self.config.results_jsonl, "wb", buffering=0)
+            self.results.write(b"".join(self._pending_lines))
+            self._pending_lines.clear()
+
     def _result_line(self, job_id: str, input_path: str, output: str, **fields) -> None:
-        if self.results is not None:
-            line = {"job_id": job_id, "input": input_path, "output": output, **fields}
-            self.results.write(wire.dumps(line) + b"\n")
+        if not self.config.results_jsonl:
+            return
+        line = wire.dumps({"job_id": job_id, "input": input_path, "output": output, **fields}) + b"\n"
+        if self.results is None:
+            self._pending_lines.append(line)
+        else:
+            self.results.write(line)
 
     def close(self) -> None:
         if self.results is not None:
@@ -224,7 +240,12 @@ class Broker:
 def run(config: BrokerConfig, stop: StopFlag) -> int:
     """Run one batch to the end; return the process exit code."""
     batch_id = uuid.uuid4().hex[:12]
-    plan = plan_batch(config, batch_id)
+    try:
+        plan = plan_batch(config, batch_id, stop)
+    except PlanningInterrupted:
+        logger.warning("{} while planning the batch; nothing was sent", stop.signal_name)
+        return EXIT_INTERRUPTED
+    check_own_files(config, plan)
     logger.info("batch {}: {} jobs, {} rejected, {} skipped, {} non-image files ignored", batch_id,
                 len(plan.jobs), len(plan.rejected), len(plan.skipped), plan.ignored_files)
     broker = Broker(config, plan, batch_id)
@@ -263,6 +284,7 @@ def _serve_batch(broker: Broker, router, pull, pub, stop: StopFlag) -> int:
         router.bind(cfg.jobs_endpoint)
         pull.bind(cfg.results_endpoint)
         pub.bind(cfg.metrics_endpoint)
+        broker.open_results()
         logger.info("listening: jobs {} results {} metrics {}", cfg.jobs_endpoint,
                     cfg.results_endpoint, cfg.metrics_endpoint)
         state, code = _loop(broker, router, pull, pub, stop)
@@ -285,9 +307,15 @@ def _loop(broker: Broker, router, pull, pub, stop: StopFlag) -> tuple[str, int]:
     poller = stop.poller(router, pull)
     last_progress = last_metrics = last_house = 0.0
     signals_seen = False
+    last_tick = time.monotonic()
     while True:
         events = dict(poller.poll(100))
         now = time.monotonic()
+        if now - last_tick > PAUSE_S:
+            # We were not running (stopped, suspended, starved): the workers'
+            # silence is ours, so their clocks restart now.
+            broker.dispatcher.forgive(now)
+        last_tick = now
         if stop.wakeup_fd in events:
             stop.drain()
         if router in events:
@@ -310,11 +338,12 @@ def _loop(broker: Broker, router, pull, pub, stop: StopFlag) -> tuple[str, int]:
             pub.send_multipart(wire.encode(broker.progress(now)))
             last_progress = now
         if now - last_metrics >= METRICS_EVERY_S:
-            pub.send_multipart(wire.encode(wire.Metrics(broker.batch_id, False, broker.snapshot(now))))
+            pub.send_multipart(wire.encode(wire.Metrics(broker.batch_id, False, for_publishing(broker.snapshot(now)))))
             last_metrics = now
         if broker.dispatcher.remaining == 0:
             return "done", EXIT_OK if broker.metrics.failed == 0 else EXIT_FAILED
-        if signals_seen and (broker.dispatcher.leased == 0 or now - broker.stopping_since >= cfg.grace_s):
+        if signals_seen and (broker.dispatcher.leased == 0 or now - broker.stopping_since >= cfg.grace_s
+                             or stop.count > 1):
             return "interrupted", EXIT_INTERRUPTED
         if broker.no_workers_for(now) >= cfg.no_worker_timeout_s:
             if broker.first_ready is None:
@@ -372,12 +401,38 @@ def _dispatch(broker: Broker, router) -> None:
 
 def _linger(pub, broker: Broker, snapshot: dict, stop: StopFlag) -> None:
     """Keep publishing the final snapshot so late or slow reporters still get it."""
-    final = wire.encode(wire.Metrics(broker.batch_id, True, snapshot))
+    final = wire.encode(wire.Metrics(broker.batch_id, True, for_publishing(snapshot)))
     signals_at_end = stop.count
     deadline = time.monotonic() + broker.config.linger_s
     while time.monotonic() < deadline and stop.count == signals_at_end:
         pub.send_multipart(final)
         stop.wait_for_more(signals_at_end, FINAL_EVERY_S)
+
+
+def for_publishing(snapshot: dict) -> dict:
+    """The snapshot with its lists cut to what a console shows.
+
+    Every snapshot must fit in one message (receivers refuse larger ones):
+    100 000 failures with long paths would not. The full lists go to
+    --report-json and --results-jsonl.
+    """
+    short = dict(snapshot)
+    for key in ("failures", "unfinished"):
+        items = snapshot.get(key) or []
+        short[key] = [{k: _clip(v) for k, v in item.items()} for item in items[:PUBLISHED_LIST_MAX]]
+    return short
+
+
+def _clip(value):
+    return value[:PUBLISHED_TEXT_MAX] + "…" if isinstance(value, str) and len(value) > PUBLISHED_TEXT_MAX else value
+
+
+def check_own_files(config: BrokerConfig, plan: Plan) -> None:
+    """The broker's own files (report, results) must never replace an input."""
+    inputs = {os.path.realpath(job.input) for job in [*plan.jobs, *plan.skipped]}
+    for flag, path in (("--report-json", config.report_json), ("--results-jsonl", config.results_jsonl)):
+        if path and os.path.realpath(path) in inputs:
+            raise SecurityError(f"refusing to write {flag} over an input image: {path}")
 
 
 def _write_report(path: str | None, snapshot: dict) -> None:

@@ -6,7 +6,7 @@ give a clear error for a file that is not an image at all.
 
 from __future__ import annotations
 
-HEAD_BYTES = 64
+HEAD_BYTES = 1024  # enough to see past an SVG's XML prolog, comments and doctype
 
 # Extensions that promise an image: such a file is always turned into a job,
 # so that a broken one gets a per-file error instead of vanishing silently.
@@ -33,8 +33,8 @@ def image_format(head: bytes) -> str | None:
             return "avif"
         if any(b in brands for b in (b"heic", b"heix", b"mif1", b"msf1", b"hevc")):
             return "heif"
-    text = head.lstrip().lower()
-    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in head.lower()):
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()
+    if text.startswith(b"<") and b"<svg" in text:
         return "svg"
     return None
 

@@ -82,7 +82,7 @@ class Done:
     format: str | None = None
     kept_original: bool = False
     elapsed_s: float = 0.0
-    timings: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,16 +144,30 @@ def _accepted_types(hint) -> tuple[type, ...]:
         return (type(None),)
     if hint is float:
         return (float, int)
+    if typing.get_origin(hint) is dict:
+        return (dict,)
     return (hint,)
 
 
-def _schema(cls) -> tuple[tuple[str, tuple[type, ...], bool], ...]:
+def _check_value(kind: str, name: str, value, hint) -> None:
+    """What a type check alone cannot say: no negative quantities, typed dict values."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise WireError(f"{kind}: field {name!r} is negative")
+    if isinstance(value, dict) and typing.get_origin(hint) is dict:
+        value_type = _accepted_types(typing.get_args(hint)[1])
+        for key, item in value.items():
+            if not isinstance(item, value_type) or isinstance(item, bool) or item < 0:
+                raise WireError(f"{kind}: {name}[{key[:32]!r}] must be a non-negative number")
+
+
+def _schema(cls) -> tuple[tuple[str, tuple[type, ...], bool, object], ...]:
     hints = typing.get_type_hints(cls)
     return tuple(
         (
             f.name,
             _accepted_types(hints[f.name]),
             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            hints[f.name],
         )
         for f in dataclasses.fields(cls)
     )
@@ -167,7 +181,7 @@ WITH_PAYLOAD = frozenset({Job.KIND, Done.KIND})
 def encode(msg: Message, payload=None) -> list:
     """The frames for ``msg``: ``[kind, body]``, plus ``payload`` if given."""
     body = {"v": VERSION}
-    for name, _, _ in _SCHEMAS[msg.KIND]:
+    for name, *_ in _SCHEMAS[msg.KIND]:
         body[name] = getattr(msg, name)
     frames = [msg.KIND, orjson.dumps(body)]
     if payload is not None:
@@ -204,7 +218,7 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
     if body.get("v") != VERSION:
         raise WireError(f"{cls.KIND.decode()}: protocol version {body.get('v')!r}, expected {VERSION}")
     values = {}
-    for name, accepted, required in _SCHEMAS[cls.KIND]:
+    for name, accepted, required, hint in _SCHEMAS[cls.KIND]:
         if name not in body:
             if required:
                 raise WireError(f"{cls.KIND.decode()}: missing field {name!r}")
@@ -213,6 +227,8 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
         # bool is an int subclass: never let true/false pass as a number.
         if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
             raise WireError(f"{cls.KIND.decode()}: field {name!r} has type {type(value).__name__}")
+        if isinstance(value, (int, float, dict)):
+            _check_value(cls.KIND.decode(), name, value, hint)
         values[name] = value
     return cls(**values)
 

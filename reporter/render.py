@@ -101,14 +101,14 @@ def _optimization(s: dict) -> list[str]:
 
 
 def _failures(s: dict) -> list[str]:
-    failures = s["failures"]
-    if not failures:
+    failures, total = s["failures"], s["tasks"]["failed"]
+    if not total:
         return []
-    lines = [f"Failures ({len(failures)})"]
+    lines = [f"Failures ({total})"]
     for f in failures[:MAX_FAILURES_SHOWN]:
         lines.append(f"  {f['input'] or f['job_id']}: {f['error']}")
-    if len(failures) > MAX_FAILURES_SHOWN:
-        lines.append(f"  ... and {len(failures) - MAX_FAILURES_SHOWN} more (see --report-json)")
+    if total > min(len(failures), MAX_FAILURES_SHOWN):
+        lines.append(f"  ... and {total - min(len(failures), MAX_FAILURES_SHOWN)} more (see --report-json)")
     return lines
 
 

@@ -15,6 +15,7 @@ Every failure becomes ``ImageError`` with a message fit for a person.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -48,11 +49,45 @@ class Outcome:
     timings: dict = field(default_factory=dict)
 
 
+class LoadWarnings(logging.Handler):
+    """Warnings libvips raised while decoding.
+
+    Some damage (garbage inside a JPEG's data) is only a warning to libvips,
+    even with fail_on="warning", and the decoder reports it when it is
+    freed. pyvips hands libvips' log to Python logging; this collects it.
+    """
+
+    CORRUPT = ("corrupt", "premature", "truncat", "invalid", "bad huffman")
+    BENIGN = ("extraneous bytes",)  # junk between segments: the image itself is whole
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().strip())
+
+    def damage(self) -> str | None:
+        for message in self.messages:
+            low = message.lower()
+            if any(w in low for w in self.CORRUPT) and not any(w in low for w in self.BENIGN):
+                return message.removeprefix("VIPS: ")
+        return None
+
+
+LOAD_WARNINGS = LoadWarnings()
+
+
 def configure_vips() -> None:
-    """No operation cache: every image is new, and the cache only grows."""
+    """No operation cache (every image is new, and the cache only grows);
+    libvips warnings collected rather than printed."""
     pyvips.cache_set_max(0)
     pyvips.cache_set_max_mem(0)
     pyvips.cache_set_max_files(0)
+    vips_log = logging.getLogger("pyvips")
+    if LOAD_WARNINGS not in vips_log.handlers:
+        vips_log.addHandler(LOAD_WARNINGS)
+    vips_log.propagate = False
 
 
 def warm_up() -> None:
@@ -130,8 +165,18 @@ def _lap(timings: dict, stage: str, start: float) -> float:
 
 def decode(data: bytes, settings: Settings, max_pixels: int):
     """Decode ``data`` upright in sRGB; return (image, input format, upright size)."""
+    LOAD_WARNINGS.messages.clear()
+    image, in_format, upright = _decode(data, settings, max_pixels)
+    # The loaders are gone now (only the decoded copy is left): their warnings are in.
+    damage = LOAD_WARNINGS.damage()
+    if damage:
+        raise ImageError(f"corrupt image data: {damage}")
+    return image, in_format, upright
+
+
+def _decode(data: bytes, settings: Settings, max_pixels: int):
     # Only the header is read here; pixels are decoded by copy_memory() below.
-    header = _vips(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="truncated"))
+    header = _vips(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="warning"))
     in_format = _loader_format(header)
     pages = _get(header, "n-pages", 1)
     width, height = header.width, header.height
@@ -148,7 +193,7 @@ def decode(data: bytes, settings: Settings, max_pixels: int):
         if max_pixels and width * height * pages > max_pixels:
             raise ImageError(f"animation too large: {pages} frames of {width}x{height} is over --max-pixels")
         image = _vips(lambda: pyvips.Image.new_from_buffer(
-            data, "", n=-1, access="sequential", fail_on="truncated"))
+            data, "", n=-1, access="sequential", fail_on="warning"))
     else:
         options = _load_options(in_format, (width, height), settings)
         if orientation not in (0, 1):
@@ -157,10 +202,11 @@ def decode(data: bytes, settings: Settings, max_pixels: int):
         if options == {"access": "sequential"}:
             image = header  # nothing to change: decode what is already open
         else:
-            image = _vips(lambda: pyvips.Image.new_from_buffer(data, "", fail_on="truncated", **options))
+            image = _vips(lambda: pyvips.Image.new_from_buffer(data, "", fail_on="warning", **options))
         if orientation not in (0, 1):
             image = image.autorot()
     image = _vips(_to_srgb(image).copy_memory)
+    del header
     return image, in_format, (width, height)
 
 
@@ -291,7 +337,8 @@ def _vips_message(exc: pyvips.Error) -> str:
     # libvips prefixes the useful line with a generic one ("unable to copy to memory").
     useful = [line for line in lines if not line.startswith(("unable to", "VipsOperation"))] or lines
     text = "; ".join(dict.fromkeys(useful))
-    if any(word in text.lower() for word in ("premature", "truncat", "read error", "corrupt", "invalid")):
+    if any(word in text.lower() for word in ("premature", "truncat", "read error", "corrupt", "invalid",
+                                             "warning", "bad ", "extraneous")):
         return f"corrupt or truncated image: {text}"
     if "not a known" in text or "is not in a known format" in text:
         return "not a supported image format"

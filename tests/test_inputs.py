@@ -20,10 +20,10 @@ def test_walk_picks_images_by_content_and_mirrors_the_tree(photo, tmp_path):
     (tmp_path / "in" / "broken.jpg").write_text("not really")  # promises an image: becomes a job
     p = planner(tmp_path / "out", settings=Settings(format="webp"))
     p.add_inputs([str(tmp_path / "in")])
-    outputs = sorted(os.path.relpath(j.output, tmp_path / "out") for j in p.plan.jobs)
+    outputs = sorted(os.path.relpath(j.output, tmp_path / "out") for j in p.plan().jobs)
     assert outputs == ["a.webp", "broken.jpg", "disguised.webp", "sub/deeper/b.webp"]
-    assert p.plan.ignored_files == 1
-    assert len({j.job_id for j in p.plan.jobs}) == 4
+    assert p.plan().ignored_files == 1
+    assert len({j.job_id for j in p.plan().jobs}) == 4
 
 
 def test_original_format_uses_the_real_format_extension(photo, tmp_path):
@@ -31,7 +31,7 @@ def test_original_format_uses_the_real_format_extension(photo, tmp_path):
     os.rename(src, tmp_path / "in" / "really-a-jpeg.png")
     p = planner(tmp_path / "out")
     p.add_inputs([str(tmp_path / "in")])
-    assert p.plan.jobs[0].output.endswith("really-a-jpeg.jpg")
+    assert p.plan().jobs[0].output.endswith("really-a-jpeg.jpg")
 
 
 def test_output_folder_inside_the_input_is_left_out(photo, tmp_path):
@@ -39,8 +39,8 @@ def test_output_folder_inside_the_input_is_left_out(photo, tmp_path):
     photo("optimized/a.jpg")   # last run's output
     p = planner(tmp_path / "in" / "optimized")
     p.add_inputs([str(tmp_path / "in")])
-    assert [os.path.basename(j.input) for j in p.plan.jobs] == ["a.jpg"]
-    assert p.plan.jobs[0].output == str(tmp_path / "in" / "optimized" / "a.jpg")
+    assert [os.path.basename(j.input) for j in p.plan().jobs] == ["a.jpg"]
+    assert p.plan().jobs[0].output == str(tmp_path / "in" / "optimized" / "a.jpg")
 
 
 def test_colliding_outputs_get_distinct_names(photo, tmp_path):
@@ -48,7 +48,7 @@ def test_colliding_outputs_get_distinct_names(photo, tmp_path):
     photo("a.png")
     p = planner(tmp_path / "out", settings=Settings(format="webp"))
     p.add_inputs([str(tmp_path / "in")])
-    assert sorted(os.path.basename(j.output) for j in p.plan.jobs) == ["a-png.webp", "a.webp"]
+    assert sorted(os.path.basename(j.output) for j in p.plan().jobs) == ["a-png.webp", "a.webp"]
 
 
 def test_several_inputs_keep_their_folder_names(photo, tmp_path):
@@ -56,7 +56,7 @@ def test_several_inputs_keep_their_folder_names(photo, tmp_path):
     photo("y/one.jpg")
     p = planner(tmp_path / "out")
     p.add_inputs([str(tmp_path / "in" / "x"), str(tmp_path / "in" / "y"), a])
-    outs = sorted(os.path.relpath(j.output, tmp_path / "out") for j in p.plan.jobs)
+    outs = sorted(os.path.relpath(j.output, tmp_path / "out") for j in p.plan().jobs)
     assert outs == ["one.jpg", "x/one.jpg", "y/one.jpg"]
 
 
@@ -76,17 +76,17 @@ def test_batch_file_lines(photo, tmp_path):
     ]))
     p = planner(tmp_path / "out", confine_outputs=True)
     p.add_batch_file(str(batch))
-    jobs = {j.job_id: j for j in p.plan.jobs}
+    jobs = {j.job_id: j for j in p.plan().jobs}
     assert jobs["first"].settings["format"] == "png" and jobs["first"].output.endswith("a.png")
-    errors = [r.error for r in p.plan.rejected]
+    errors = [r.error for r in p.plan().rejected]
     assert "batch file line 2: not valid JSON" in errors[0]
     assert 'line 3: needs an "input"' in errors[1]
     assert "invalid setting: quality must be" in errors[2]
     assert "job id 'first' is used twice" in errors[3]
     assert "is the input file itself" in errors[4]
     assert "outside the output folder" in errors[5]
-    assert len(p.plan.jobs) == 2
-    last = [j for j in p.plan.jobs if j.job_id != "first"][0]
+    assert len(p.plan().jobs) == 2
+    last = [j for j in p.plan().jobs if j.job_id != "first"][0]
     assert last.output == str(tmp_path / "out" / "rel" / "d.jpg")   # a JPEG stays a JPEG: real extension
     assert last.settings["resize"] == {"mode": "width", "size": 9}
 
@@ -98,8 +98,8 @@ def test_skip_existing(photo, tmp_path):
     (tmp_path / "out" / "a.jpg").write_bytes(b"done before")
     p = planner(tmp_path / "out", skip_existing=True)
     p.add_inputs([str(tmp_path / "in")])
-    assert [os.path.basename(j.input) for j in p.plan.skipped] == ["a.jpg"]
-    assert [os.path.basename(j.input) for j in p.plan.jobs] == ["b.jpg"]
+    assert [os.path.basename(j.input) for j in p.plan().skipped] == ["a.jpg"]
+    assert [os.path.basename(j.input) for j in p.plan().jobs] == ["b.jpg"]
 
 
 @pytest.mark.parametrize("confine", [True, False])
@@ -109,7 +109,7 @@ def test_absolute_outputs_outside_the_folder_only_when_not_confined(photo, tmp_p
     batch.write_text(f'{{"input": "{src}", "output": "{tmp_path}/elsewhere/a.jpg"}}\n')
     p = planner(tmp_path / "out", confine_outputs=confine)
     p.add_batch_file(str(batch))
-    assert (len(p.plan.jobs), len(p.plan.rejected)) == ((0, 1) if confine else (1, 0))
+    assert (len(p.plan().jobs), len(p.plan().rejected)) == ((0, 1) if confine else (1, 0))
 
 
 def test_batch_file_outputs_get_their_real_extension(photo, tmp_path):
@@ -119,7 +119,7 @@ def test_batch_file_outputs_get_their_real_extension(photo, tmp_path):
                      f'{{"input": "{src}", "output": "wood.png"}}\n')
     p = planner(tmp_path / "out")
     p.add_batch_file(str(batch))
-    assert [os.path.basename(j.output) for j in p.plan.jobs] == ["y.webp", "wood.jpg"]
+    assert [os.path.basename(j.output) for j in p.plan().jobs] == ["y.webp", "wood.jpg"]
 
 
 def test_folder_cache_resolves_links_before_dotdot(tmp_path):
@@ -129,3 +129,80 @@ def test_folder_cache_resolves_links_before_dotdot(tmp_path):
     (tmp_path / "root" / "link").symlink_to(tmp_path / "target" / "deep")
     tricky = f"{tmp_path}/root/link/../x.jpg"
     assert FolderCache()(tricky) == os.path.realpath(tricky) == str(tmp_path / "target" / "x.jpg")
+
+
+def test_names_that_cannot_travel_are_rejected_alone(photo, tmp_path):
+    photo("ok.jpg")
+    src = tmp_path / "in"
+    os.rename(photo("x.jpg"), os.path.join(os.fsencode(src), b"caf\xe9.jpg"))
+    p = planner(tmp_path / "out")
+    p.add_inputs([str(src)])
+    plan = p.plan()
+    assert [os.path.basename(j.input) for j in plan.jobs] == ["ok.jpg"]
+    assert "not valid UTF-8" in plan.rejected[0].error and "\\xe9" in plan.rejected[0].input
+
+
+def test_special_files_never_block_planning(photo, tmp_path):
+    photo("a.jpg")
+    os.mkfifo(tmp_path / "in" / "pipe.txt")       # not an image name: ignored
+    os.mkfifo(tmp_path / "in" / "pipe.jpg")       # an image name: a job that will fail clearly
+    p = planner(tmp_path / "out")
+    p.add_inputs([str(tmp_path / "in")])
+    plan = p.plan()
+    assert sorted(os.path.basename(j.input) for j in plan.jobs) == ["a.jpg", "pipe.jpg"]
+    assert plan.ignored_files == 1
+
+
+def test_outputs_never_land_on_inputs_or_on_each_other(photo, tmp_path):
+    b, c = photo("b.jpg"), photo("c.png")
+    batch = tmp_path / "jobs.jsonl"
+    batch.write_text("\n".join([
+        f'{{"input": "{c}", "output": "{b}", "settings": {{"format": "jpeg"}}}}',
+        f'{{"input": "{b}", "output": "out/b.webp", "settings": {{"format": "webp"}}}}',
+        f'{{"input": "{b}", "output": "out/same.jpg", "job": "s1"}}',
+        f'{{"input": "{c}", "output": "out/same.jpg", "job": "s2", "settings": {{"format": "jpeg"}}}}',
+        f'{{"input": "{b}", "output": "out/a\\u0000.jpg"}}',
+        f'{{"input": "{b}", "output": "x.jpg", "job": "{"X" * 300}"}}',
+    ]) + "\n")
+    p = planner(tmp_path, confine_outputs=False)
+    p.add_batch_file(str(batch))
+    plan = p.plan()
+    assert sorted(j.job_id for j in plan.jobs) == ["j000002", "s1"]
+    errors = " | ".join(r.error for r in plan.rejected)
+    assert "would overwrite the input of job" in errors
+    assert "is already the output of job s1" in errors
+    assert "NUL byte" in errors and '"job" must be a string of 1 to 200' in errors
+
+
+def test_generated_ids_never_take_a_users_id(photo, tmp_path):
+    src = photo("a.jpg")
+    batch = tmp_path / "jobs.jsonl"
+    batch.write_text("\n".join([
+        f'{{"input": "{src}", "output": "o1.jpg", "job": "line-3"}}',
+        f'{{"input": "{src}", "output": "o2.jpg"}}',
+        "not json",
+        f'{{"input": "{src}", "output": "o4.jpg", "job": "j000002"}}',
+    ]) + "\n")
+    p = planner(tmp_path / "out")
+    p.add_batch_file(str(batch))
+    plan = p.plan()
+    ids = [j.job_id for j in plan.jobs] + [r.job_id for r in plan.rejected]
+    assert len(ids) == len(set(ids)) == 4
+    assert {"line-3", "j000002"} <= {j.job_id for j in plan.jobs}
+
+
+def test_linked_folders_are_walked_once(photo, tmp_path):
+    photo("a.jpg")
+    photo("../archive/2023/b.jpg")
+    os.symlink(tmp_path / "archive" / "2023", tmp_path / "in" / "2023")
+    os.symlink(tmp_path / "in", tmp_path / "in" / "loop")
+    p = planner(tmp_path / "out")
+    p.add_inputs([str(tmp_path / "in")])
+    assert sorted(os.path.basename(j.input) for j in p.plan().jobs) == ["a.jpg", "b.jpg"]
+
+
+def test_svg_behind_a_prolog_is_an_image():
+    from broker.sniff import image_format
+    svg = b'\xef\xbb\xbf<?xml version="1.0"?>\n<!-- made by hand -->\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "x">\n<svg xmlns="http://www.w3.org/2000/svg"/>'
+    assert image_format(svg) == "svg"
+    assert image_format(b"<html><body>no</body></html>") is None

@@ -190,3 +190,29 @@ def test_no_temporary_file_is_left_behind(photo, tmp_path):
     out_dir = tmp_path / "out"
     run(src, out_dir / "a.webp", format="webp")
     assert os.listdir(out_dir) == ["a.webp"]
+
+
+def test_corrupt_data_inside_a_complete_jpeg_fails(photo, tmp_path):
+    src = photo("mid.jpg", width=1200, height=900)
+    data = bytearray(open(src, "rb").read())
+    third = len(data) // 3
+    data[third:third + 2000] = b"\xaa" * 2000       # garbage in the middle, end intact
+    open(src, "wb").write(bytes(data))
+    with pytest.raises(ImageError, match="corrupt"):
+        run(src, tmp_path / "out" / "mid.webp", format="webp")
+    assert not (tmp_path / "out" / "mid.webp").exists()
+
+
+def test_pipes_and_devices_are_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(ImageError, match="not a regular file"):
+        run(tmp_path / "pipe.jpg", tmp_path / "o.jpg")
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")
+    with pytest.raises(ImageError, match="not a regular file"):
+        run(tmp_path / "zero.jpg", tmp_path / "o.jpg")
+
+
+def test_input_size_limit(photo, tmp_path):
+    src = photo("a.jpg")
+    with pytest.raises(ImageError, match="larger than the limit"):
+        optimize(src, str(tmp_path / "o.jpg"), Settings(), max_bytes=1000)

@@ -68,3 +68,15 @@ def test_payload_travels_as_a_raw_third_frame():
         wire.encode(wire.Heartbeat("w"), b"x")
     with pytest.raises(wire.WireError, match="expected 2 frames"):
         wire.decode_with_payload([b"heartbeat", frames[1], b"x"])
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"timings": {"decode": "slow"}}, "timings"),
+    ({"timings": {"decode": True}}, "timings"),
+    ({"out_bytes": -5}, "negative"),
+    ({"elapsed_s": -0.1}, "negative"),
+])
+def test_well_formed_but_wrong_values_are_refused(body, fragment):
+    base = {"v": 1, "job_id": "j", "batch_id": "b", "worker_id": "w", "ok": True}
+    with pytest.raises(wire.WireError, match=fragment):
+        wire.decode([b"done", orjson.dumps({**base, **body})])
