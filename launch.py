@@ -24,7 +24,7 @@ sys.path.insert(0, HERE)
 
 from broker import config as common  # noqa: E402
 from broker.cli import (  # noqa: E402
-    OneLineParser, UsageError, add_batch_arguments, batch_argv, batch_config_from_args,
+    OneLineParser, UsageError, add_batch_arguments, batch_argv, batch_config_from_args, input_argv,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -32,6 +32,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 CRASH_SIGNALS = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
 STOP_WAIT_S = 5.0
 SUPERVISE_EVERY_S = 0.02
+# A stop signal forwarded before the broker has installed its handlers would
+# kill it outright (no report); this is ample for its start-up.
+BROKER_HANDLERS_S = 1.0
 
 
 def build_parser():
@@ -60,11 +63,13 @@ class Launcher:
         self.broker = self.reporter = None
         self.workers: list[subprocess.Popen] = []
         self.respawns_left = 3 * args.workers
+        self.reporter_restarts = 3
+        self.broker_started = time.monotonic()
         cores = os.cpu_count() or 1
         self.vips_threads = args.vips_threads or max(1, cores // max(1, args.workers))
 
     def _start(self, module: str, *argv: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", module, *argv, "--parent-pid", str(os.getpid())]
+        cmd = [sys.executable, "-m", module, "--parent-pid", str(os.getpid()), *argv]
         # A session of its own: Ctrl-C reaches only the launcher, which then
         # stops the pieces in order (broker first, so the report is complete).
         return subprocess.Popen(cmd, env=self.env, start_new_session=True)
@@ -77,8 +82,9 @@ class Launcher:
             "--results-endpoint", self.endpoints["results"],
             "--metrics-endpoint", self.endpoints["metrics"],
             "--min-workers", str(a.workers), "--no-worker-timeout", str(a.no_worker_timeout),
-            "--grace", str(a.grace), "--linger", "30",
+            "--grace", str(a.grace), "--linger", "30", *input_argv(a),
         )
+        self.broker_started = time.monotonic()
 
     def start_reporter(self) -> None:
         a = self.args
@@ -113,19 +119,32 @@ class Launcher:
         forwarded = 0
         released = False
         while True:
-            if stop.count > forwarded:
+            if stop.count > forwarded and time.monotonic() - self.broker_started >= BROKER_HANDLERS_S:
                 # First Ctrl-C: the broker stops dispatching and finishes what is
                 # in flight. Second: it cuts that wait short.
-                forwarded = stop.count
+                forwarded += 1
                 _signal(self.broker, signal.SIGTERM)
             self._replace_crashed_workers()
             if not released and self.reporter.poll() is not None:
+                if self.reporter.returncode != 0 and self.broker.poll() is None and self.reporter_restarts:
+                    # The reporter died (it did not print the report): another
+                    # one gets the same full snapshots; the batch goes on.
+                    self.reporter_restarts -= 1
+                    self.start_reporter()
+                    continue
                 # Report printed: end the broker's linger, and let the workers go.
                 # Once only: a second signal could land after the interpreter has
                 # put back the default handlers on its way out.
                 released = True
                 for proc in [self.broker, *self.workers]:
                     _signal(proc, signal.SIGTERM)
+                if stop.count:
+                    # Interrupted: a job still running was reported unfinished,
+                    # so its worker must drop it rather than write it (a second
+                    # signal tells a worker to abandon its image).
+                    time.sleep(SUPERVISE_EVERY_S)
+                    for proc in self.workers:
+                        _signal(proc, signal.SIGTERM)
             if self.broker.poll() is not None:
                 break
             time.sleep(SUPERVISE_EVERY_S)
@@ -135,7 +154,7 @@ class Launcher:
         code = self.broker.returncode
         if stop.count:
             return EXIT_INTERRUPTED
-        return {0: EXIT_OK, 1: EXIT_FAILED, 130: EXIT_INTERRUPTED}.get(code, EXIT_FAILED)
+        return {0: EXIT_OK, 1: EXIT_FAILED, 2: EXIT_USAGE, 130: EXIT_INTERRUPTED}.get(code, EXIT_FAILED)
 
     def _replace_crashed_workers(self) -> None:
         for worker in list(self.workers):
@@ -194,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_config_from_args(args)
         if args.workers < 1 or args.credit < 1 or (args.vips_threads is not None and args.vips_threads < 1):
             raise UsageError("--workers, --credit and --vips-threads must be at least 1")
-        if args.grace < 0 or args.no_worker_timeout < 0:
-            raise UsageError("--grace and --no-worker-timeout cannot be negative")
+        if args.grace < 0 or args.no_worker_timeout <= 0:
+            raise UsageError("--grace cannot be negative, and --no-worker-timeout must be positive")
     except UsageError as exc:
         parser.error(str(exc))
     stop = common.StopFlag().install()

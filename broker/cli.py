@@ -105,6 +105,17 @@ def batch_config_from_args(args) -> dict:
         raise UsageError("--max-pixels, --max-attempts, --job-timeout and --max-image-mb must be positive")
     if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"output folder is a file: {args.output}")
+    for flag, path in (("--report-json", args.report_json), ("--results-jsonl", args.results_jsonl)):
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise UsageError(f"{flag}: cannot write into folder {folder}")
+    try:
+        os.makedirs(args.log_dir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--log-dir: cannot create {args.log_dir}: {exc.strerror}") from None
+    if not os.access(args.log_dir, os.W_OK):
+        raise UsageError(f"--log-dir: cannot write into {args.log_dir}")
     return dict(
         inputs=tuple(args.inputs),
         jobs_file=args.jobs,
@@ -123,9 +134,12 @@ def batch_config_from_args(args) -> dict:
 
 
 def config_from_args(args) -> BrokerConfig:
-    for flag in ("ready_wait", "heartbeat_timeout", "no_worker_timeout", "grace", "linger"):
+    for flag in ("ready_wait", "grace", "linger"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} cannot be negative")
+    for flag in ("heartbeat_timeout", "no_worker_timeout"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
     if args.min_workers < 1:
         raise UsageError("--min-workers must be at least 1")
     return BrokerConfig(
@@ -146,17 +160,23 @@ def config_from_args(args) -> BrokerConfig:
 
 
 def batch_argv(args) -> list[str]:
-    """The batch flags of ``args`` again, as a command line for ``python -m broker``."""
-    argv = list(args.inputs)
+    """The batch flags of ``args`` again, for ``python -m broker`` (inputs: input_argv)."""
+    argv = []
     for name in ("output", "jobs", "format", "quality", *(f"quality_{f}" for f in QUALITY_FORMATS),
                  "resize", "png_compression", "report_json", "results_jsonl", "log_dir", "log_level", "max_pixels",
                  "max_attempts", "job_timeout", "max_image_mb", "transport"):
         value = getattr(args, name)
         if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
+            # --name=value: a value that starts with "-" stays a value.
+            argv.append(f"--{name.replace('_', '-')}={value}")
     if args.skip_existing:
         argv.append("--skip-existing")
     return argv
+
+
+def input_argv(args) -> list[str]:
+    """The inputs, last on a command line: after "--" no name can pass for a flag."""
+    return ["--", *args.inputs] if args.inputs else []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except UsageError as exc:
         parser.error(str(exc))
+    stop = common.StopFlag(args.parent_pid).install()  # first: a signal may come any moment
     common.setup_logging("broker", args.log_dir, args.log_level)
     from loguru import logger
 
@@ -206,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     from broker.security import SecurityError
     from broker.server import run
 
-    stop = common.StopFlag(args.parent_pid).install()
     try:
         return run(config, stop)
     except (BatchFileError, SecurityError) as exc:

@@ -194,6 +194,13 @@ class Broker:
             self._result_line(job_id, job.input, job.output, ok=False, error=error, attempt=job.attempt)
         return lost
 
+    def note_unfinished(self) -> None:
+        """Interrupted: every job not done gets a results line saying so."""
+        for job_id, state in self.dispatcher.jobs.items():
+            if state.status in ("queued", "leased"):
+                self._result_line(job_id, state.job.input, state.job.output, ok=False, unfinished=True,
+                                  error="not finished: the batch was interrupted")
+
     def fail_remaining(self, error: str) -> None:
         for job_id, state in self.dispatcher.jobs.items():
             if state.status in ("queued", "leased"):
@@ -288,6 +295,8 @@ def _serve_batch(broker: Broker, router, pull, pub, stop: StopFlag) -> int:
         logger.info("listening: jobs {} results {} metrics {}", cfg.jobs_endpoint,
                     cfg.results_endpoint, cfg.metrics_endpoint)
         state, code = _loop(broker, router, pull, pub, stop)
+        if state == "interrupted":
+            broker.note_unfinished()
         now = time.monotonic()
         broker.metrics.finish(state, now)
         snapshot = broker.snapshot(now)
@@ -404,7 +413,7 @@ def _linger(pub, broker: Broker, snapshot: dict, stop: StopFlag) -> None:
     final = wire.encode(wire.Metrics(broker.batch_id, True, for_publishing(snapshot)))
     signals_at_end = stop.count
     deadline = time.monotonic() + broker.config.linger_s
-    while time.monotonic() < deadline and stop.count == signals_at_end:
+    while time.monotonic() < deadline and stop.count == signals_at_end and not stop.parent_gone():
         pub.send_multipart(final)
         stop.wait_for_more(signals_at_end, FINAL_EVERY_S)
 

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.credit < 1 or args.vips_threads < 1 or args.job_timeout <= 0:
         parser.error("--credit, --vips-threads and --job-timeout must be positive")
+    stop = common.StopFlag(args.parent_pid).install()  # first: a signal may come any moment
     # libvips reads this once, when it starts: before the first pyvips import.
     os.environ["VIPS_CONCURRENCY"] = str(args.vips_threads)
     from loguru import logger
@@ -65,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
                           input_roots=tuple(args.input_root or [os.getcwd()]),
                           output_roots=tuple(args.output_root or [os.getcwd()]),
                           keys=keys, max_image_bytes=int(args.max_image_mb * 1e6))
-    stop = common.StopFlag(args.parent_pid).install()
     try:
         return run(config, stop)
     except Exception:

@@ -103,7 +103,7 @@ def warm_up() -> None:
 def optimize(input_path: str, output_path: str, settings: Settings, *,
              max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = 0, tag: str = "imgbus",
              input_roots: tuple[str, ...] | None = None,
-             output_roots: tuple[str, ...] | None = None) -> Outcome:
+             output_roots: tuple[str, ...] | None = None, abandon=lambda: False) -> Outcome:
     """Optimize ``input_path`` into ``output_path``; raise ImageError on failure.
 
     With roots given, the input must lie under an input root and the output
@@ -124,6 +124,8 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
     encoded, outcome = optimize_bytes(data, settings, max_pixels=max_pixels)
     outcome.timings["decode"] += read_s
     clock = time.perf_counter()
+    if abandon():
+        raise ImageError("abandoned: the batch was stopped before this image was written")
     try:
         write_atomically(output_path, encoded, tag)
     except OSError as exc:

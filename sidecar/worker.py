@@ -95,7 +95,7 @@ class Busy:
         return current[0], time.monotonic() - current[1]
 
 
-def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None):
+def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, abandon=lambda: False):
     """Do one job: ``(completion, output bytes or None)``.
 
     With a payload (bytes transport) the image comes in the message and goes
@@ -115,7 +115,7 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None):
                 outcome = optimize(job.input, job.output, settings, max_pixels=job.max_pixels,
                                    max_bytes=job.max_bytes, tag=f"{worker_id}-{job.attempt}",
                                    input_roots=config.input_roots,
-                                   output_roots=config.output_roots)
+                                   output_roots=config.output_roots, abandon=abandon)
         except (ImageError, SettingsError) as exc:
             error = str(exc) if isinstance(exc, ImageError) else f"invalid setting: {exc}"
             logger.warning("{} failed: {}", job.input, error)
@@ -231,7 +231,7 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
         if config.noop:
             done, encoded = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none"), None
         else:
-            done, encoded = process(job, config, payload)
+            done, encoded = process(job, config, payload, abandon=lambda: stop.count > 1)
         busy.job = None
         try:
             push.send_multipart(wire.encode(done, encoded), copy=encoded is None)

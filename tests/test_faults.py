@@ -37,6 +37,8 @@ def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
     assert 2 <= done < 40 and r["tasks"]["failed"] == 0
     assert len(r["unfinished"]) == 40 - done
     assert "(interrupted)" in stdout and "Not finished" in stdout
+    lines = [json.loads(l) for l in open(tmp_path / "res.jsonl")]
+    assert len(lines) == 40 and sum(1 for l in lines if l.get("unfinished")) == 40 - done
     # Every finished job has its output; nothing half-written; no process left.
     files = [f for _, _, fs in os.walk(out) for f in fs]
     assert len(files) == done and not [f for f in files if "imgbus-tmp" in f]
@@ -95,3 +97,42 @@ def test_all_workers_killed_under_the_launcher_ends_with_an_error(tmp_path):
     assert r["tasks"]["completed"] + r["tasks"]["failed"] == 20
     assert "no live worker" in stdout
     assert processes_matching(f"--parent-pid {proc.pid}") == []
+
+
+def test_killed_reporter_is_replaced_and_the_batch_goes_on(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(16):
+        make_photo(str(src / f"p{i:02d}.jpg"), 1600, 1200)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), src, "-o", tmp_path / "out",
+                             "--workers", "2", "--format", "png", "--quality", "100",
+                             "--report-json", tmp_path / "r.json", "--log-dir", tmp_path / "logs"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        reporters = []
+        while not reporters:
+            assert time.monotonic() < deadline
+            reporters = [p for p in processes_matching("-m reporter") if
+                         f"--parent-pid {proc.pid}" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(reporters[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "Finished/total:        16/16" in stdout
+    assert json.loads((tmp_path / "r.json").read_text())["state"] == "done"
+
+
+def test_names_that_look_like_flags_are_still_inputs(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    make_photo(str(src / "-dash.jpg"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--output=-weird", "--workers", "1",
+                           "--log-dir", tmp_path / "logs", "--", "-dash.jpg"],
+                          cwd=src, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.isfile(src / "-weird" / "-dash.jpg")
