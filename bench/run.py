@@ -213,6 +213,62 @@ def _table(name, title, n, in_bytes, walls, out_bytes) -> dict:
     return {"scenario": name, "title": title, "images": n, "input_bytes": in_bytes, "peers": rows}
 
 
+def memory_check(thumbs: list[str], wallpapers: list[str], workers: int) -> dict:
+    """Peak RSS per worker on the wallpapers; RSS after 200 thumbnails vs near the end."""
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="imgbus-bench-mem-") as scratch:
+        report = os.path.join(scratch, "r.json")
+        run_once([sys.executable, os.path.join(ROOT, "launch.py"), os.path.dirname(wallpapers[0]),
+                  "-o", os.path.join(scratch, "wp"), "--workers", str(workers), "--format", "webp",
+                  "--resize", "longest:1920", "--report-json", report, "--log-dir", os.path.join(scratch, "logs")],
+                 scratch)
+        result["peak_rss_mb_wallpapers"] = max(w["peak_rss_mb"] for w in json.load(open(report))["workers"]["per_worker"])
+        results = os.path.join(scratch, "res.jsonl")
+        cmd = [sys.executable, os.path.join(ROOT, "launch.py"), os.path.dirname(thumbs[0]), "-o",
+               os.path.join(scratch, "th"), "--workers", str(workers), "--format", "jpeg", "--quality", "80",
+               "--resize", "longest:256", "--results-jsonl", results, "--log-dir", os.path.join(scratch, "logs")]
+        proc = subprocess.Popen(cmd, cwd=scratch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONPATH": ROOT})
+        samples, marks = {}, [200, len(thumbs) - 50]
+        while proc.poll() is None and marks:
+            done = _count_lines(results)
+            if done >= marks[0]:
+                samples[marks.pop(0)] = _sidecar_rss(proc.pid)
+            time.sleep(0.01)
+        proc.wait()
+    if len(samples) == 2:
+        (n1, early), (n2, late) = sorted(samples.items())
+        result.update({"rss_mb_after": {str(n1): early, str(n2): late},
+                       "creep_pct": max(100 * (late[i] - early[i]) / early[i] for i in range(min(len(early), len(late))))})
+    return result
+
+
+def _count_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:
+        return 0
+
+
+def _sidecar_rss(launcher_pid: int) -> list[float]:
+    """Resident MB of the launcher's sidecar processes, from /proc."""
+    found = []
+    for entry in sorted(os.listdir("/proc")):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ")
+            if b"-m sidecar" not in cmd or f"--parent-pid {launcher_pid}".encode() not in cmd:
+                continue
+            for line in open(f"/proc/{entry}/status"):
+                if line.startswith("VmRSS:"):
+                    found.append(int(line.split()[1]) / 1024)
+        except OSError:
+            continue
+    return found
+
+
 def bus_scenario(jobs: int, rounds: int, workers: int) -> dict:
     runs = []
     with tempfile.TemporaryDirectory(prefix="imgbus-bench-S0-") as scratch:
@@ -234,6 +290,13 @@ def bus_scenario(jobs: int, rounds: int, workers: int) -> dict:
 
 # -- output ------------------------------------------------------------------
 def print_table(result: dict) -> None:
+    if result["scenario"] == "memory":
+        print(f"\nmemory: peak RSS per worker on the wallpapers {result['peak_rss_mb_wallpapers']:.0f} MB"
+              f" (target < 300)")
+        if "creep_pct" in result:
+            print(f"  RSS per worker after {' and '.join(result['rss_mb_after'])} thumbnails: "
+                  f"{result['rss_mb_after']} MB -> creep {result['creep_pct']:+.1f}% (target within 10%)")
+        return
     if result["scenario"] == "S0":
         print(f"\nS0 bus: {result['jobs']} no-op jobs, median of {len(result['runs'])}")
         print(f"  pipeline {result['pipeline_median_s']:.2f} s = {result['jobs_per_s']:,.0f} jobs/s "
@@ -252,7 +315,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--scenarios", default="S0,S1,S2,S3")
+    ap.add_argument("--scenarios", default="S0,S1,S2,S3,memory")
     ap.add_argument("--bus-jobs", type=int, default=50_000)
     ap.add_argument("--thumbs", type=int, default=2000)
     ap.add_argument("--limit", type=int, help="use only the first N images of each scenario (smoke runs)")
@@ -265,11 +328,14 @@ def main(argv=None) -> int:
         print(f"note: {peer} {note}")
     results = []
     wanted = [s.strip() for s in args.scenarios.split(",")]
-    wallpapers = ensure_corpus() if {"S1", "S2", "S3"} & set(wanted) else []
+    wallpapers = ensure_corpus() if {"S1", "S2", "S3", "memory"} & set(wanted) else []
     for name in wanted:
         print(f"{name}...", file=sys.stderr, flush=True)
         if name == "S0":
             results.append(bus_scenario(args.bus_jobs, args.rounds, args.workers))
+        elif name == "memory":
+            results.append({"scenario": "memory", **memory_check(ensure_thumbs(wallpapers, args.thumbs),
+                                                                 wallpapers, args.workers)})
         else:
             files = ensure_thumbs(wallpapers, args.thumbs) if name == "S3" else wallpapers
             results.append(image_scenario(name, files[: args.limit], peers, args.rounds, args.workers))

@@ -30,6 +30,8 @@ from broker.sniff import HEAD_BYTES, describe_non_image, image_format
 
 # Enough for a 16k x 16k image; about the same limit as Pillow's bomb check.
 DEFAULT_MAX_PIXELS = 16384 * 16384
+# Larger images that need no resize stream from decoder to encoder.
+STREAM_PIXELS = 4_000_000
 # Orientations 5-8 swap width and height.
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
@@ -140,17 +142,23 @@ def optimize_bytes(data, settings: Settings, *, max_pixels: int = DEFAULT_MAX_PI
     clock = time.perf_counter()
     if image_format(bytes(data[:HEAD_BYTES])) is None:
         raise ImageError(describe_non_image(bytes(data[:HEAD_BYTES])))
-    image, in_format, upright = decode(data, settings, max_pixels)
+    LOAD_WARNINGS.messages.clear()
+    image, in_format, upright, streamed = _decode(data, settings, max_pixels)
+    if not streamed:
+        _check_damage()
     clock = _lap(timings, "decode", clock)
 
     out_format = output_format(settings.format, in_format)
-    image = reshape(image, upright, settings, out_format)
+    image = reshape(image, upright, settings, out_format, materialize=not streamed)
     clock = _lap(timings, "resize", clock)
 
     encoded = encode(image, out_format, settings)
+    width, height = image.width, _page_height(image)
+    del image
+    if streamed:
+        _check_damage()  # the decoder has just been freed
     _lap(timings, "encode", clock)
 
-    width, height = image.width, _page_height(image)
     # Same format, same size, and no smaller: the input is the better output.
     kept = out_format == in_format and (width, height) == upright and len(encoded) >= len(data)
     if kept:
@@ -165,18 +173,21 @@ def _lap(timings: dict, stage: str, start: float) -> float:
     return now
 
 
-def decode(data: bytes, settings: Settings, max_pixels: int):
-    """Decode ``data`` upright in sRGB; return (image, input format, upright size)."""
-    LOAD_WARNINGS.messages.clear()
-    image, in_format, upright = _decode(data, settings, max_pixels)
-    # The loaders are gone now (only the decoded copy is left): their warnings are in.
+def _check_damage() -> None:
+    """Call once the decoders are freed: that is when they report their warnings."""
     damage = LOAD_WARNINGS.damage()
     if damage:
         raise ImageError(f"corrupt image data: {damage}")
-    return image, in_format, upright
 
 
 def _decode(data: bytes, settings: Settings, max_pixels: int):
+    """``data`` upright in sRGB: (image, input format, upright size, streamed).
+
+    Normally the pixels are decoded into memory here, so that each stage is
+    timed on its own. A large image that needs no resize is left streaming
+    instead: decoding then happens strip by strip inside the encoder, which
+    saves a full-size copy and its memory traffic (its time counts as encode).
+    """
     # Only the header is read here; pixels are decoded by copy_memory() below.
     header = _vips(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="warning"))
     in_format = _loader_format(header)
@@ -203,13 +214,16 @@ def _decode(data: bytes, settings: Settings, max_pixels: int):
             options["access"] = "random"
         if options == {"access": "sequential"}:
             image = header  # nothing to change: decode what is already open
+            if pages == 1 and width * height >= STREAM_PIXELS and \
+                    target_size(width, height, settings.resize_mode, settings.resize_size) == (width, height):
+                return _to_srgb(image), in_format, (width, height), True
         else:
             image = _vips(lambda: pyvips.Image.new_from_buffer(data, "", fail_on="warning", **options))
         if orientation not in (0, 1):
             image = image.autorot()
     image = _vips(_to_srgb(image).copy_memory)
     del header
-    return image, in_format, (width, height)
+    return image, in_format, (width, height), False
 
 
 def _load_options(in_format: str, upright: tuple[int, int], settings: Settings) -> dict:
@@ -240,14 +254,14 @@ def _to_srgb(image):
     return image
 
 
-def reshape(image, upright: tuple[int, int], settings: Settings, out_format: str):
+def reshape(image, upright: tuple[int, int], settings: Settings, out_format: str, materialize: bool = True):
     """Resize to the target size, and drop alpha where the format has none."""
     target = target_size(*upright, settings.resize_mode, settings.resize_size)
     if target != (image.width, _page_height(image)):
         image = _resize(image, target)
     if image.hasalpha() and out_format not in ALPHA_FORMATS:
         image = image.flatten(background=[255] * (image.bands - 1))
-    return _vips(image.copy_memory)
+    return _vips(image.copy_memory) if materialize else image
 
 
 def _resize(image, target: tuple[int, int]):

@@ -14,6 +14,8 @@ after repeated strikes, fails) the job, and the launcher starts a new worker.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 import resource
@@ -35,6 +37,7 @@ EXIT_JOB_TIMEOUT = 75
 POLL_MS = 200
 SEND_TIMEOUT_MS = 10_000
 BYE_LINGER_MS = 50
+TRIM_AFTER_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,20 @@ def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done: thr
             _send(push, wire.Heartbeat(config.worker_id, job_id, busy_s, *memory_mb()))
 
 
+def _libc_trim():
+    """glibc's malloc_trim, or a no-op where there is none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+# Give freed image buffers back to the system after each job: otherwise a
+# worker that met one huge image keeps its memory for the rest of the batch.
+release_memory = _libc_trim()
+
+
 def memory_mb() -> tuple[float, float]:
     """(resident now, peak resident) of this process, in MB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
@@ -233,6 +250,8 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
         else:
             done, encoded = process(job, config, payload, abandon=lambda: stop.count > 1)
         busy.job = None
+        if done.in_bytes >= TRIM_AFTER_BYTES:
+            release_memory()
         try:
             push.send_multipart(wire.encode(done, encoded), copy=encoded is None)
         except zmq.Again:

@@ -216,3 +216,26 @@ def test_input_size_limit(photo, tmp_path):
     src = photo("a.jpg")
     with pytest.raises(ImageError, match="larger than the limit"):
         optimize(src, str(tmp_path / "o.jpg"), Settings(), max_bytes=1000)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_large_images_that_stream_still_fail_on_damage(photo, tmp_path, damage):
+    """Over STREAM_PIXELS with no resize, decoding happens inside the encoder."""
+    src = photo("big.jpg", width=2600, height=1800)
+    data = bytearray(open(src, "rb").read())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 3: len(data) // 3 + 3000] = b"\xaa" * 3000
+    open(src, "wb").write(bytes(data))
+    with pytest.raises(ImageError, match="corrupt"):
+        run(src, tmp_path / "out" / "big.jpg")
+    assert not (tmp_path / "out" / "big.jpg").exists()
+
+
+def test_large_image_streams_to_the_same_result(photo, tmp_path):
+    src = photo("big.png", width=2600, height=1800)
+    result = run(src, tmp_path / "big.webp", format="webp", quality=100)
+    out = load(str(tmp_path / "big.webp"))
+    assert (result.width, result.height) == (2600, 1800)
+    assert (out - load(src)).abs().max() == 0
