@@ -149,13 +149,16 @@ def optimize_bytes(data, settings: Settings, *, max_pixels: int = DEFAULT_MAX_PI
     clock = _lap(timings, "decode", clock)
 
     out_format = output_format(settings.format, in_format)
-    image = reshape(image, upright, settings, out_format, materialize=not streamed)
+    resizing = target_size(*upright, settings.resize_mode, settings.resize_size) != upright
+    image = reshape(image, upright, settings, out_format, materialize=resizing or not streamed)
+    if streamed and resizing:
+        _check_damage()  # only the small resized copy is left
     clock = _lap(timings, "resize", clock)
 
     encoded = encode(image, out_format, settings)
     width, height = image.width, _page_height(image)
     del image
-    if streamed:
+    if streamed and not resizing:
         _check_damage()  # the decoder has just been freed
     _lap(timings, "encode", clock)
 
@@ -184,9 +187,10 @@ def _decode(data: bytes, settings: Settings, max_pixels: int):
     """``data`` upright in sRGB: (image, input format, upright size, streamed).
 
     Normally the pixels are decoded into memory here, so that each stage is
-    timed on its own. A large image that needs no resize is left streaming
-    instead: decoding then happens strip by strip inside the encoder, which
-    saves a full-size copy and its memory traffic (its time counts as encode).
+    timed on its own. A large image is left streaming instead: decoding then
+    happens strip by strip inside the resize (or, with no resize, inside the
+    encoder), which saves a full-size copy and its memory traffic; its time
+    counts under that stage.
     """
     # Only the header is read here; pixels are decoded by copy_memory() below.
     header = _vips(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="warning"))
@@ -214,13 +218,12 @@ def _decode(data: bytes, settings: Settings, max_pixels: int):
             options["access"] = "random"
         if options == {"access": "sequential"}:
             image = header  # nothing to change: decode what is already open
-            if pages == 1 and width * height >= STREAM_PIXELS and \
-                    target_size(width, height, settings.resize_mode, settings.resize_size) == (width, height):
-                return _to_srgb(image), in_format, (width, height), True
         else:
             image = _vips(lambda: pyvips.Image.new_from_buffer(data, "", fail_on="warning", **options))
         if orientation not in (0, 1):
             image = image.autorot()
+        elif pages == 1 and width * height >= STREAM_PIXELS:
+            return _to_srgb(image), in_format, (width, height), True
     image = _vips(_to_srgb(image).copy_memory)
     del header
     return image, in_format, (width, height), False
