@@ -149,31 +149,36 @@ def _accepted_types(hint) -> tuple[type, ...]:
     return (hint,)
 
 
-def _check_value(kind: str, name: str, value, hint) -> None:
-    """What a type check alone cannot say: no negative quantities, typed dict values."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-        raise WireError(f"{kind}: field {name!r} is negative")
-    if isinstance(value, dict) and typing.get_origin(hint) is dict:
-        value_type = _accepted_types(typing.get_args(hint)[1])
-        for key, item in value.items():
-            if not isinstance(item, value_type) or isinstance(item, bool) or item < 0:
-                raise WireError(f"{kind}: {name}[{key[:32]!r}] must be a non-negative number")
+def _value_check(hint) -> str | None:
+    """What a type check alone cannot say: "number" (never negative) or
+    "numbers" (a dict of non-negative numbers); None when the type says it all."""
+    if typing.get_origin(hint) is dict:
+        return "numbers"
+    accepted = _accepted_types(hint)
+    return "number" if int in accepted or float in accepted else None
 
 
-def _schema(cls) -> tuple[tuple[str, tuple[type, ...], bool, object], ...]:
+def _check_numbers(kind: str, name: str, value: dict) -> None:
+    for key, item in value.items():
+        if type(item) not in (int, float) or item < 0:
+            raise WireError(f"{kind}: {name}[{key[:32]!r}] must be a non-negative number")
+
+
+def _schema(cls) -> tuple[tuple[str, tuple[type, ...], bool, str | None], ...]:
     hints = typing.get_type_hints(cls)
     return tuple(
         (
             f.name,
             _accepted_types(hints[f.name]),
             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-            hints[f.name],
+            _value_check(hints[f.name]),
         )
         for f in dataclasses.fields(cls)
     )
 
 
 _SCHEMAS = {cls.KIND: _schema(cls) for cls in MESSAGE_TYPES}
+_NAMES = {kind: tuple(field[0] for field in schema) for kind, schema in _SCHEMAS.items()}
 # Kinds that may carry the image itself as a third frame.
 WITH_PAYLOAD = frozenset({Job.KIND, Done.KIND})
 
@@ -181,7 +186,7 @@ WITH_PAYLOAD = frozenset({Job.KIND, Done.KIND})
 def encode(msg: Message, payload=None) -> list:
     """The frames for ``msg``: ``[kind, body]``, plus ``payload`` if given."""
     body = {"v": VERSION}
-    for name, *_ in _SCHEMAS[msg.KIND]:
+    for name in _NAMES[msg.KIND]:
         body[name] = getattr(msg, name)
     frames = [msg.KIND, orjson.dumps(body)]
     if payload is not None:
@@ -218,7 +223,7 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
     if body.get("v") != VERSION:
         raise WireError(f"{cls.KIND.decode()}: protocol version {body.get('v')!r}, expected {VERSION}")
     values = {}
-    for name, accepted, required, hint in _SCHEMAS[cls.KIND]:
+    for name, accepted, required, check in _SCHEMAS[cls.KIND]:
         if name not in body:
             if required:
                 raise WireError(f"{cls.KIND.decode()}: missing field {name!r}")
@@ -227,8 +232,11 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
         # bool is an int subclass: never let true/false pass as a number.
         if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
             raise WireError(f"{cls.KIND.decode()}: field {name!r} has type {type(value).__name__}")
-        if isinstance(value, (int, float, dict)):
-            _check_value(cls.KIND.decode(), name, value, hint)
+        if check is not None:
+            if check == "number" and value is not None and value < 0:
+                raise WireError(f"{cls.KIND.decode()}: field {name!r} is negative")
+            if check == "numbers":
+                _check_numbers(cls.KIND.decode(), name, value)
         values[name] = value
     return cls(**values)
 
