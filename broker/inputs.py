@@ -100,6 +100,15 @@ def read_head(path: str) -> bytes | None:
         os.close(fd)
 
 
+def _size_of(job: Job) -> int:
+    """Largest first: a big image started last would leave the other workers
+    idle while it finishes (longest-processing-time-first scheduling)."""
+    try:
+        return os.stat(job.input).st_size
+    except (OSError, ValueError):
+        return 0
+
+
 class Planner:
     """Builds the job list for one batch, keeping job ids and outputs unique."""
 
@@ -184,6 +193,7 @@ class Planner:
                 plan.skipped.append(job)
             else:
                 plan.jobs.append(job)
+        plan.jobs.sort(key=_size_of, reverse=True)
         return plan
 
     # -- one job -------------------------------------------------------

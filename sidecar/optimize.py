@@ -232,14 +232,16 @@ def _decode(data: bytes, settings: Settings, max_pixels: int):
 def _load_options(in_format: str, upright: tuple[int, int], settings: Settings) -> dict:
     """Let JPEG and WebP decode at a reduced size when resizing down.
 
-    Decoding stops at about twice the target size so that a proper resample
-    (lanczos3) does the last step, as libvips' own thumbnail does.
+    libjpeg's scaled IDCT is a proper downsampling filter, so a JPEG is
+    decoded at 1/2, 1/4 or 1/8 scale as long as that stays at or above the
+    target (3840 -> 1920 decodes straight at 1920); lanczos3 does the rest.
+    WebP's scaled decode is cruder: it stops at twice the target.
     """
     target = target_size(*upright, settings.resize_mode, settings.resize_size)
-    factor = upright[0] / target[0]
+    factor = min(upright[0] / target[0], upright[1] / target[1])
     options = {"access": "sequential"}
-    if in_format == "jpeg" and factor >= 4:
-        options["shrink"] = max(s for s in (2, 4, 8) if 2 * s <= factor)
+    if in_format == "jpeg" and factor >= 2:
+        options["shrink"] = max(s for s in (2, 4, 8) if s <= factor)
     elif in_format == "webp" and factor > 2:
         options["scale"] = 2 / factor
     return options
