@@ -198,7 +198,7 @@ def keys_main(argv: list[str]) -> int:
 
     clients = args.client or ["sidecar", "reporter"]
     made = make_keys(args.folder, clients)
-    folder = args.folder
+    folder = args.folder.rstrip("/") or "/"
     print("\n".join(made))
     print(f"""
 broker host:   python -m broker ... --key {folder}/broker.key_secret --authorized-keys {folder}/authorized
