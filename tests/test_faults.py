@@ -10,16 +10,31 @@ import time
 from conftest import ROOT, make_photo, processes_matching
 
 
-def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
+def photos(tmp_path, n, width, height):
     src = tmp_path / "in"
     src.mkdir()
-    for i in range(40):
-        make_photo(str(src / f"p{i:02d}.jpg"), 2400, 1800)
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), src, "-o", out, "--workers", "2",
-                             "--format", "png", "--quality", "100", "--report-json", tmp_path / "r.json",
-                             "--results-jsonl", tmp_path / "res.jsonl", "--log-dir", tmp_path / "logs"],
+    for i in range(n):
+        make_photo(str(src / f"p{i:02d}.jpg"), width, height)
+    return src
+
+
+def launch_async(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *map(str, args)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def children(launcher: subprocess.Popen, module: str) -> list[int]:
+    """The launcher's processes running ``python -m module``."""
+    return [pid for pid in processes_matching(f"-m {module}")
+            if f"--parent-pid {launcher.pid}" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
+
+
+def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
+    src = photos(tmp_path, 40, 2400, 1800)
+    out = tmp_path / "out"
+    proc = launch_async(src, "-o", out, "--workers", "2", "--format", "png", "--quality", "100",
+                        "--report-json", tmp_path / "r.json", "--results-jsonl", tmp_path / "res.jsonl",
+                        "--log-dir", tmp_path / "logs")
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "res.jsonl").exists() or len((tmp_path / "res.jsonl").read_text().splitlines()) < 2:
@@ -68,23 +83,17 @@ def test_a_job_that_hangs_workers_is_retried_then_failed(tmp_path):
 
 
 def test_all_workers_killed_under_the_launcher_ends_with_an_error(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(20):
-        make_photo(str(src / f"p{i:02d}.jpg"), 2400, 1800)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), src, "-o", tmp_path / "out",
-                             "--workers", "2", "--format", "png", "--quality", "100", "--no-worker-timeout", "2",
-                             "--report-json", tmp_path / "r.json", "--results-jsonl", tmp_path / "res.jsonl",
-                             "--log-dir", tmp_path / "logs"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    src = photos(tmp_path, 20, 2400, 1800)
+    proc = launch_async(src, "-o", tmp_path / "out", "--workers", "2", "--format", "png", "--quality", "100",
+                        "--no-worker-timeout", "2", "--report-json", tmp_path / "r.json",
+                        "--results-jsonl", tmp_path / "res.jsonl", "--log-dir", tmp_path / "logs")
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "res.jsonl").exists() or not (tmp_path / "res.jsonl").read_text():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        for pid in processes_matching(f"-m sidecar"):
-            if f"--parent-pid {proc.pid}" in open(f"/proc/{pid}/cmdline").read().replace("\0", " "):
-                os.kill(pid, signal.SIGKILL)
+        for pid in children(proc, "sidecar"):
+            os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         stdout, stderr = proc.communicate(timeout=60)
         assert time.monotonic() - killed_at < 20
@@ -100,21 +109,15 @@ def test_all_workers_killed_under_the_launcher_ends_with_an_error(tmp_path):
 
 
 def test_killed_reporter_is_replaced_and_the_batch_goes_on(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(16):
-        make_photo(str(src / f"p{i:02d}.jpg"), 1600, 1200)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), src, "-o", tmp_path / "out",
-                             "--workers", "2", "--format", "png", "--quality", "100",
-                             "--report-json", tmp_path / "r.json", "--log-dir", tmp_path / "logs"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    src = photos(tmp_path, 16, 1600, 1200)
+    proc = launch_async(src, "-o", tmp_path / "out", "--workers", "2", "--format", "png", "--quality", "100",
+                        "--report-json", tmp_path / "r.json", "--log-dir", tmp_path / "logs")
     try:
         deadline = time.monotonic() + 30
         reporters = []
         while not reporters:
             assert time.monotonic() < deadline
-            reporters = [p for p in processes_matching("-m reporter") if
-                         f"--parent-pid {proc.pid}" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
+            reporters = children(proc, "reporter")
             time.sleep(0.05)
         time.sleep(0.5)
         os.kill(reporters[0], signal.SIGKILL)
