@@ -248,15 +248,46 @@ def _load_options(in_format: str, upright: tuple[int, int], settings: Settings) 
 
 
 def _to_srgb(image):
-    """Colour-manage into sRGB (or keep grey); embedded profiles are honoured."""
+    """Colour-manage into sRGB (or keep grey); embedded profiles are honoured.
+
+    A profile that says it is sRGB needs no conversion: sRGB to sRGB through
+    floating-point Lab would only cost time (up to 200 ms on a wallpaper).
+    """
     grey = image.interpretation in ("b-w", "grey16")
-    if image.get_typeof("icc-profile-data") and not grey:
+    if image.get_typeof("icc-profile-data") and not grey and not icc_is_srgb(image.get("icc-profile-data")):
         image = _vips(lambda: image.icc_transform("srgb", embedded=True, intent="perceptual"))
     if image.interpretation not in ("srgb", "b-w"):
         image = _vips(lambda: image.colourspace("b-w" if grey else "srgb"))
     if image.format != "uchar":
         image = image.cast("uchar")
     return image
+
+
+def icc_is_srgb(profile: bytes) -> bool:
+    """True for an RGB profile whose description names sRGB (IEC 61966-2.1)."""
+    if len(profile) < 132 or profile[16:20] != b"RGB ":
+        return False
+    description = _icc_description(profile)
+    return "srgb" in description.lower()
+
+
+def _icc_description(profile: bytes) -> str:
+    """The text of the profile's 'desc' tag (ICC v2 'desc' or v4 'mluc'); "" if unreadable."""
+    try:
+        for i in range(int.from_bytes(profile[128:132], "big")):
+            entry = profile[132 + 12 * i: 144 + 12 * i]
+            if entry[:4] != b"desc":
+                continue
+            start = int.from_bytes(entry[4:8], "big")
+            data = profile[start: start + int.from_bytes(entry[8:12], "big")]
+            if data[:4] == b"desc":
+                return data[12: 12 + int.from_bytes(data[8:12], "big")].decode("latin-1")
+            if data[:4] == b"mluc":
+                length, offset = int.from_bytes(data[20:24], "big"), int.from_bytes(data[24:28], "big")
+                return data[offset: offset + length].decode("utf-16-be", "replace")
+    except (ValueError, IndexError):
+        pass
+    return ""
 
 
 def reshape(image, upright: tuple[int, int], settings: Settings, out_format: str, materialize: bool = True):

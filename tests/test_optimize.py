@@ -239,3 +239,12 @@ def test_large_image_streams_to_the_same_result(photo, tmp_path):
     out = load(str(tmp_path / "big.webp"))
     assert (result.width, result.height) == (2600, 1800)
     assert (out - load(src)).abs().max() == 0
+
+
+def test_srgb_profiles_are_recognised_and_others_are_not():
+    from sidecar.optimize import icc_is_srgb
+    base = pyvips.Image.black(8, 8, bands=3)
+    srgb = base.icc_transform("srgb", input_profile="srgb", embedded=False).get("icc-profile-data")
+    p3 = base.icc_transform("p3", input_profile="srgb", embedded=False).get("icc-profile-data")
+    assert icc_is_srgb(srgb) and not icc_is_srgb(p3)
+    assert not icc_is_srgb(b"garbage" * 30)
