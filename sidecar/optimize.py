@@ -31,7 +31,7 @@ from broker.sniff import HEAD_BYTES, describe_non_image, image_format
 # Enough for a 16k x 16k image; about the same limit as Pillow's bomb check.
 DEFAULT_MAX_PIXELS = 16384 * 16384
 # Larger images that need no resize stream from decoder to encoder.
-STREAM_PIXELS = 4_000_000
+STREAM_PIXELS = 1_000_000
 # Orientations 5-8 swap width and height.
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
