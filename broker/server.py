@@ -98,7 +98,9 @@ class Broker:
 
     def handle_bye(self, msg: wire.Bye, now: float) -> None:
         logger.info("worker {} left: {}", msg.worker_id, msg.reason)
-        self._lose(msg.worker_id, msg.reason, culprit=msg.job_id)
+        # A worker that says "stopping" left cleanly; any other bye (its
+        # watchdog giving up on a job) is a death like a crash.
+        self._lose(msg.worker_id, msg.reason, culprit=msg.job_id, dead=msg.reason != wire.BYE_STOPPING)
 
     def handle_done(self, msg: wire.Done, now: float, payload: bytes | None = None) -> None:
         if msg.batch_id != self.batch_id:
@@ -178,12 +180,12 @@ class Broker:
     def no_workers_for(self, now: float) -> float:
         return 0.0 if self.dispatcher.workers else now - self.last_worker_seen
 
-    def _lose(self, worker_id: str, reason: str, culprit: str | None = None) -> Lost | None:
+    def _lose(self, worker_id: str, reason: str, culprit: str | None = None, dead: bool = True) -> Lost | None:
         lost = self.dispatcher.lose(worker_id, reason, culprit)
         if lost is None:
             return None
         stats = self.metrics.worker(worker_id)
-        stats.state = "dead" if "left" not in reason and "stopping" not in reason else "gone"
+        stats.state = "dead" if dead else "gone"
         if lost.requeued:
             self.metrics.redelivered += len(lost.requeued)
             logger.warning("worker {} lost ({}); redelivering {} job(s)", worker_id, reason, len(lost.requeued))

@@ -97,6 +97,9 @@ class Heartbeat:
     peak_rss_mb: float = 0.0  # and at its highest so far
 
 
+BYE_STOPPING = "stopping"  # the reason a worker gives when it leaves cleanly
+
+
 @dataclass(frozen=True, slots=True)
 class Bye:
     """A sidecar leaves; ``job_id`` names the job it gave up on, if any."""

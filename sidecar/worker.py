@@ -213,7 +213,7 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
             finally:
                 # A short linger for the bye: the broker may already be gone.
                 push.linger = BYE_LINGER_MS
-                _send(push, wire.Bye(config.worker_id, "stopping"))
+                _send(push, wire.Bye(config.worker_id, wire.BYE_STOPPING))
                 beating.set()
                 heart.join(2)
     return 0

@@ -63,6 +63,19 @@ def endpoints(ip):
     return {k: f"tcp://{ip}:{p}" for k, p in PORTS.items()}
 
 
+def photos(folder, n, width, height):
+    folder.mkdir()
+    for i in range(n):
+        make_photo(str(folder / f"p{i:02d}.jpg"), width, height)
+    return folder
+
+
+def broker_in(ns, ep, *args, **popen):
+    """The broker in namespace ``ns``, bound to the endpoints ``ep``."""
+    return in_ns(ns, sys.executable, "-m", "broker", *args, "--jobs-endpoint", ep["jobs"],
+                 "--results-endpoint", ep["results"], "--metrics-endpoint", ep["metrics"], **popen)
+
+
 def stop_all(procs):
     for p in procs:
         if p.poll() is None:
@@ -102,19 +115,14 @@ print("garbage sent")
 def test_curve_batch_across_namespaces_in_bytes_transport(hosts, tmp_path):
     ns, ip = hosts["ns"], hosts["broker_ip"]
     ep = endpoints(ip)
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(12):
-        make_photo(str(src / f"p{i:02d}.jpg"), 800, 600)
+    src = photos(tmp_path / "in", 12, 800, 600)
     keys, stranger = tmp_path / "keys", tmp_path / "stranger"
     make_keys(str(keys), ["w1", "w2", "reporter"])
     make_keys(str(stranger), ["w3"])
     logs = tmp_path / "logs"
     report = tmp_path / "r.json"
-    broker = in_ns(ns["broker"], sys.executable, "-m", "broker", src, "-o", tmp_path / "out",
-                   "--transport", "bytes", "--format", "webp",
-                   "--jobs-endpoint", ep["jobs"], "--results-endpoint", ep["results"],
-                   "--metrics-endpoint", ep["metrics"], "--key", keys / "broker.key_secret",
+    broker = broker_in(ns["broker"], ep, src, "-o", tmp_path / "out", "--transport", "bytes", "--format", "webp",
+                       "--key", keys / "broker.key_secret",
                    "--authorized-keys", keys / "authorized", "--min-workers", 2, "--linger", 5,
                    "--report-json", report, "--results-jsonl", tmp_path / "res.jsonl", "--log-dir", logs)
     procs = [broker]
@@ -161,16 +169,11 @@ def test_curve_batch_across_namespaces_in_bytes_transport(hosts, tmp_path):
 def test_path_transport_across_namespaces(hosts, tmp_path):
     ns, ip = hosts["ns"], hosts["broker_ip"]
     ep = endpoints(ip)
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(6):
-        make_photo(str(src / f"p{i}.jpg"), 640, 480)
+    src = photos(tmp_path / "in", 6, 640, 480)
     keys = tmp_path / "keys"
     make_keys(str(keys), ["w"])
     logs = tmp_path / "logs"
-    broker = in_ns(ns["broker"], sys.executable, "-m", "broker", src, "-o", tmp_path / "out",
-                   "--jobs-endpoint", ep["jobs"], "--results-endpoint", ep["results"],
-                   "--metrics-endpoint", ep["metrics"], "--key", keys / "broker.key_secret",
+    broker = broker_in(ns["broker"], ep, src, "-o", tmp_path / "out", "--key", keys / "broker.key_secret",
                    "--authorized-keys", keys / "authorized", "--linger", 0,
                    "--report-json", tmp_path / "r.json", "--log-dir", logs)
     worker = in_ns(ns["workers"], sys.executable, "-m", "sidecar", "--connect", ep["jobs"],
@@ -188,12 +191,10 @@ def test_insecure_flag_is_needed_and_loud_off_loopback(hosts, tmp_path):
     ns, ip = hosts["ns"], hosts["broker_ip"]
     ep = endpoints(ip)
     photo = make_photo(str(tmp_path / "a.jpg"))
-    common = [sys.executable, "-m", "broker", photo, "-o", tmp_path / "out", "--jobs-endpoint", ep["jobs"],
-              "--results-endpoint", ep["results"], "--metrics-endpoint", ep["metrics"], "--log-dir", tmp_path / "logs",
-              "--no-worker-timeout", 1, "--linger", 0]
-    refused = in_ns(ns["broker"], *common, stderr=subprocess.PIPE, text=True)
+    common = [photo, "-o", tmp_path / "out", "--log-dir", tmp_path / "logs", "--no-worker-timeout", 1, "--linger", 0]
+    refused = broker_in(ns["broker"], ep, *common, stderr=subprocess.PIPE, text=True)
     _, err = refused.communicate(timeout=30)
     assert refused.returncode == 2 and "without CURVE keys" in err
-    loud = in_ns(ns["broker"], *common, "--insecure", stderr=subprocess.PIPE, text=True)
+    loud = broker_in(ns["broker"], ep, *common, "--insecure", stderr=subprocess.PIPE, text=True)
     _, err = loud.communicate(timeout=30)
     assert "INSECURE" in err and loud.returncode == 1   # no worker came: aborted, not refused
