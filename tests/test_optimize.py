@@ -93,6 +93,38 @@ def test_alpha_is_flattened_onto_white_for_jpeg(photo, tmp_path):
     assert load(str(webp)).hasalpha()
 
 
+def _white_beside_transparent_black(path, width=1200, height=900):
+    """Opaque white on the left; on the right, alpha 0 over black pixels."""
+    x = pyvips.Image.xyz(width, height)[0]
+    opaque = x < width // 2
+    rgb = opaque.ifthenelse([255, 255, 255], [0, 0, 0])
+    rgb.bandjoin(opaque.ifthenelse(255, 0)).cast("uchar").copy(interpretation="srgb").pngsave(str(path))
+    return path
+
+
+def test_resizing_with_alpha_does_not_bleed_hidden_colour_into_edges(tmp_path):
+    """Resampled premultiplied: the black under alpha 0 must not grey the white edge."""
+    src = _white_beside_transparent_black(tmp_path / "edge.png")
+    run(src, tmp_path / "edge.out.png", format="png", quality=100, resize_mode="width", resize_size=450)
+    out = load(str(tmp_path / "edge.out.png"))
+    assert out.bands == 4 and out.width == 450
+    alpha = out[3]
+    edge = (alpha > 0) & (alpha < 255)
+    assert edge.avg() > 0  # the resize did make partly transparent pixels
+    # Wherever any coverage is left, the colour is still white.
+    darkest = (alpha > 0).ifthenelse(out[0:3].bandmean(), 255).min()
+    assert darkest >= 250
+
+
+def test_resizing_onto_white_for_jpeg_keeps_the_edge_white(tmp_path):
+    src = _white_beside_transparent_black(tmp_path / "edge.png")
+    result = run(src, tmp_path / "edge.jpg", format="jpeg", resize_mode="width", resize_size=450)
+    out = load(str(tmp_path / "edge.jpg"))
+    assert out.bands == 3 and (result.width, result.height) == (450, 338)
+    # Everything was white or transparent: flattened on white, all of it is white.
+    assert out.min() >= 245
+
+
 def test_animated_gif_keeps_its_frames_in_webp_and_when_resized(tmp_path):
     frames = [pyvips.Image.black(40, 30).new_from_image([i * 20, 0, 255 - i * 20]).cast("uchar")
               for i in range(6)]
