@@ -15,7 +15,6 @@ after repeated strikes, fails) the job, and the launcher starts a new worker.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import math
 import os
 import resource
@@ -156,9 +155,13 @@ def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done: thr
 
 
 def _libc_trim():
-    """glibc's malloc_trim, or a no-op where there is none."""
+    """glibc's malloc_trim, or a no-op where there is none.
+
+    Looked up among the symbols already loaded: ctypes.util.find_library
+    would run ldconfig in a subprocess, which costs every worker's start-up.
+    """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
         return lambda: libc.malloc_trim(0)
     except (OSError, AttributeError):
         return lambda: None
