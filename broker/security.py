@@ -17,9 +17,8 @@ import shutil
 import stat
 from dataclasses import dataclass
 
-import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+# zmq.auth is imported only where keys are used: most runs have none, and
+# every process would otherwise pay for it at start-up.
 
 
 class SecurityError(ValueError):
@@ -63,6 +62,8 @@ def load_secret(path: str) -> tuple[bytes, bytes]:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise SecurityError(f"secret key {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
                             f"run: chmod 600 {path}")
+    import zmq.auth
+
     public, secret = zmq.auth.load_certificate(path)
     if not secret:
         raise SecurityError(f"{path} holds no secret key (give the .key_secret file)")
@@ -70,6 +71,8 @@ def load_secret(path: str) -> tuple[bytes, bytes]:
 
 
 def load_public(path: str) -> bytes:
+    import zmq.auth
+
     try:
         public, _ = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
@@ -111,6 +114,8 @@ def check_exposure(endpoints: list[str], keys, insecure: bool) -> list[str]:
 
 def start_authenticator(ctx: zmq.Context, keys: ServerKeys) -> ThreadAuthenticator:
     """ZAP handler: only clients whose public keys are in the folder get in."""
+    from zmq.auth.thread import ThreadAuthenticator
+
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=keys.authorized_dir)
@@ -136,6 +141,8 @@ def make_keys(folder: str, clients: list[str]) -> list[str]:
 
     Existing pairs are kept, never overwritten. Returns the files made.
     """
+    import zmq.auth
+
     os.makedirs(folder, exist_ok=True)
     authorized = os.path.join(folder, "authorized")
     os.makedirs(authorized, exist_ok=True)
