@@ -31,7 +31,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Crashes worth a fresh worker; SIGKILL/SIGTERM mean someone stopped it on purpose.
 CRASH_SIGNALS = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
 STOP_WAIT_S = 5.0
-SUPERVISE_EVERY_S = 0.02
+# Children's exits and stop signals wake the supervisor at once; this is only
+# how often it looks at the clock meanwhile.
+SUPERVISE_EVERY_S = 0.1
+# Two signals this far apart count as two, not one.
+SIGNAL_GAP_S = 0.02
 # A stop signal forwarded before the broker has installed its handlers would
 # kill it outright (no report); this is ample for its start-up.
 BROKER_HANDLERS_S = 1.0
@@ -145,12 +149,12 @@ class Launcher:
                     # Interrupted: a job still running was reported unfinished,
                     # so its worker must drop it rather than write it (a second
                     # signal tells a worker to abandon its image).
-                    time.sleep(SUPERVISE_EVERY_S)
+                    time.sleep(SIGNAL_GAP_S)
                     for proc in self.workers:
                         _signal(proc, signal.SIGTERM)
             if self.broker.poll() is not None:
                 break
-            time.sleep(SUPERVISE_EVERY_S)
+            stop.nap(SUPERVISE_EVERY_S)
         if self.reporter.poll() is None:
             # The broker ended without the reporter seeing a final report.
             _wait_or_stop(self.reporter, 2.0)
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--grace cannot be negative, and --no-worker-timeout must be positive")
     except UsageError as exc:
         parser.error(str(exc))
-    stop = common.StopFlag().install()
+    stop = common.StopFlag().install(wake_on_child_exit=True)
     run_dir = tempfile.mkdtemp(prefix="imgbus-")
     launcher = Launcher(args, run_dir)
     try:
@@ -243,4 +247,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.exit_now(main())

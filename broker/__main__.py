@@ -1,5 +1,4 @@
-import sys
-
+from broker.config import exit_now
 from broker.cli import main
 
-sys.exit(main())
+exit_now(main())

@@ -72,6 +72,10 @@ def test_mixed_batch_reports_failures_and_finishes_the_rest(mixed_folder, tmp_pa
     sidecar_log = next(n for n in logs if n.startswith("sidecar"))
     record = json.loads(open(tmp_path / "logs" / sidecar_log).readline())["record"]
     assert record["extra"]["component"] == "sidecar" and record["extra"]["worker_id"]
+    # The last line a worker logs, just before its quick exit, reached the file.
+    for name in logs:
+        if name.startswith("sidecar"):
+            assert "stopping after" in (tmp_path / "logs" / name).read_text().splitlines()[-1]
 
 
 def test_all_good_exits_zero_and_prints_every_section(tmp_path):
