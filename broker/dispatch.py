@@ -3,10 +3,11 @@
 Each sidecar announces a credit (how many jobs it may hold). A job goes only
 to a live worker with free credit, the one with the most free credit first,
 so no worker hoards queued jobs while another idles, and a worker that joins
-mid-batch is served at once. Every job handed out is a lease held by that
-worker until its completion arrives. When a worker is lost (it said bye,
-its heartbeats stopped, or its address vanished), its leases go back to the
-front of the queue; the job it was busy with gets a strike, and a job with
+mid-batch is served at once. The last jobs of a batch go only to workers
+holding nothing. Every job handed out is a lease held by that worker until
+its completion arrives. When a worker is lost (it said bye, its heartbeats
+stopped, or its address vanished), its leases go back to the front of the
+queue; the job it was busy with gets a strike, and a job with
 ``max_attempts`` strikes fails instead of killing more workers.
 """
 
@@ -124,8 +125,8 @@ class Dispatcher:
     def next_assignment(self) -> tuple[str, Job] | None:
         """The next (worker id, job) to send, or None when nobody can take one."""
         while self.queue:
-            worker = max(self.workers.values(), key=lambda w: w.free, default=None)
-            if worker is None or worker.free <= 0:
+            worker = self._taker()
+            if worker is None:
                 return None
             state = self.jobs[self.queue.popleft()]
             if state.status != QUEUED:
@@ -135,6 +136,21 @@ class Dispatcher:
             self.leased += 1
             return worker.id, state.job
         return None
+
+    def _taker(self) -> WorkerState | None:
+        """The worker with the most free credit, if any has some.
+
+        The last few jobs (no more than there are workers) go only to workers
+        holding nothing: queued behind another job, a last job would wait
+        while some other worker sits idle and the batch could be over.
+        """
+        last_jobs = self.queued <= len(self.workers)
+        best = None
+        for worker in self.workers.values():
+            if worker.free > 0 and not (last_jobs and worker.held):
+                if best is None or worker.free > best.free:
+                    best = worker
+        return best
 
     def unsend(self, worker_id: str, job_id: str) -> None:
         """The send failed: the job never left, put it back first in line."""

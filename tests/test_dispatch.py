@@ -51,6 +51,20 @@ def test_late_joiner_is_served_at_once():
     assert Counter(w for w, _ in drain(d)) == {"late": 2}
 
 
+def test_last_jobs_wait_for_an_empty_handed_worker():
+    """No last job queues behind another worker's job while a worker could idle."""
+    d = Dispatcher(jobs(6))
+    d.register("a", 2, 0.0)
+    d.register("b", 2, 0.0)
+    assert Counter(w for w, _ in drain(d)) == {"a": 2, "b": 2}  # 2 left: as many as workers
+    first_of_a = sorted(d.workers["a"].held)[0]
+    d.complete(first_of_a, "a", True)
+    assert drain(d) == []  # "a" still holds one: the job waits
+    d.complete(sorted(d.workers["a"].held)[0], "a", True)
+    assert [w for w, _ in drain(d)] == ["a"]  # now empty-handed, "a" takes one
+    assert d.queued == 1 and drain(d) == []
+
+
 def test_lost_worker_jobs_go_back_first_and_culprit_gets_a_strike():
     d = Dispatcher(jobs(5), max_attempts=3)
     d.register("a", 2, 0.0)
