@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from broker import wire
 from broker.paths import TEMP_SUFFIX, FolderCache, PathError, check_output_path, is_within
 from broker.settings import Settings, SettingsError, output_format, with_real_extension
-from broker.sniff import HEAD_BYTES, IMAGE_EXTENSIONS, image_format
+from broker.sniff import HEAD_BYTES, IMAGE_EXTENSIONS, image_format, pixel_count
 from broker.wire import Job
 
 MAX_PATH_BYTES = 4096
@@ -55,6 +55,7 @@ class _Candidate:
     output: str
     settings: Settings
     derived: bool
+    work: int  # see work_estimate
 
 
 class BatchFileError(ValueError):
@@ -100,11 +101,20 @@ def read_head(path: str) -> bytes | None:
         os.close(fd)
 
 
-def _size_of(job: Job) -> int:
-    """Largest first: a big image started last would leave the other workers
-    idle while it finishes (longest-processing-time-first scheduling)."""
+def work_estimate(path: str, head: bytes | None) -> int:
+    """How big a job is, in pixels: the header's size where it tells, else a
+    guess from the file size (about 2 bits per pixel, as in a photo).
+
+    Jobs go out biggest first, so that no big image starts last and keeps the
+    batch open while the other workers idle (longest-processing-time-first).
+    The file size alone misleads: a flat 4-megapixel PNG can be smaller than
+    a 1-megapixel photo and take five times as long.
+    """
+    pixels = pixel_count(path, head) if head else None
+    if pixels is not None:
+        return pixels
     try:
-        return os.stat(job.input).st_size
+        return os.stat(path).st_size * 4
     except (OSError, ValueError):
         return 0
 
@@ -171,6 +181,7 @@ class Planner:
             inputs.setdefault(self._resolve(c.input), c.job_id)
         outputs: dict[str, str] = {}
         root = self.output_root
+        work: dict[str, int] = {}
         for c in self._candidates:
             self._tick()
             try:
@@ -193,7 +204,8 @@ class Planner:
                 plan.skipped.append(job)
             else:
                 plan.jobs.append(job)
-        plan.jobs.sort(key=_size_of, reverse=True)
+                work[job.job_id] = c.work
+        plan.jobs.sort(key=lambda job: work[job.job_id], reverse=True)
         return plan
 
     # -- one job -------------------------------------------------------
@@ -242,7 +254,8 @@ class Planner:
         if real:
             output = with_real_extension(output, output_format(settings.format, real))
         self._ids.add(job_id)
-        self._candidates.append(_Candidate(job_id, input_path, output, settings, derived))
+        self._candidates.append(_Candidate(job_id, input_path, output, settings, derived,
+                                           work_estimate(input_path, head)))
 
     def _unique_output(self, output: str, source_ext: str, head: bytes | None, settings: Settings) -> str:
         """Two inputs that would share an output (a.png, a.jpg -> a.webp) both keep theirs."""

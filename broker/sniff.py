@@ -1,7 +1,8 @@
 """Recognise image files by their first bytes, not their names.
 
-Used by the ventilator to pick images out of a folder and by the sidecar to
-give a clear error for a file that is not an image at all.
+Used by the ventilator to pick images out of a folder (and to guess which
+are big), and by the sidecar to give a clear error for a file that is not an
+image at all.
 """
 
 from __future__ import annotations
@@ -57,3 +58,54 @@ def describe_non_image(head: bytes) -> str:
         return "not an image: the file contains text"
     except UnicodeDecodeError:
         return "not an image: unknown file type"
+
+
+# JPEG start-of-frame markers (they carry the size); C4, C8 and CC are others.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Metadata can run to megabytes: one of the test wallpapers has 118 segments.
+_JPEG_SEGMENTS_MAX = 1024
+
+
+def pixel_count(path: str, head: bytes) -> int | None:
+    """Width x height from the header, or None when it cannot be told cheaply.
+
+    PNG, GIF and WebP give their size in the first 30 bytes; a JPEG's size
+    comes after its metadata segments, which are skipped by their lengths
+    (a few small reads). Only a guess at how long an image will take.
+    """
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big") * int.from_bytes(head[20:24], "big")
+    if head.startswith((b"GIF87a", b"GIF89a")) and len(head) >= 10:
+        return int.from_bytes(head[6:8], "little") * int.from_bytes(head[8:10], "little")
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP" and len(head) >= 30:
+        chunk = head[12:16]
+        if chunk == b"VP8 ":
+            return (int.from_bytes(head[26:28], "little") & 0x3FFF) * (int.from_bytes(head[28:30], "little") & 0x3FFF)
+        if chunk == b"VP8L":
+            bits = int.from_bytes(head[21:25], "little")
+            return ((bits & 0x3FFF) + 1) * (((bits >> 14) & 0x3FFF) + 1)
+        if chunk == b"VP8X":
+            return (int.from_bytes(head[24:27], "little") + 1) * (int.from_bytes(head[27:30], "little") + 1)
+        return None
+    if head.startswith(b"\xff\xd8\xff"):
+        return _jpeg_pixels(path, head)
+    return None
+
+
+def _jpeg_pixels(path: str, head: bytes) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            offset = 2
+            for _ in range(_JPEG_SEGMENTS_MAX):
+                segment = head[offset:offset + 9]
+                if len(segment) < 9:
+                    f.seek(offset)
+                    segment = f.read(9)
+                if len(segment) < 9 or segment[0] != 0xFF:
+                    return None
+                if segment[1] in _JPEG_SOF:
+                    return int.from_bytes(segment[5:7], "big") * int.from_bytes(segment[7:9], "big")
+                offset += 2 + int.from_bytes(segment[2:4], "big")
+    except OSError:
+        pass
+    return None

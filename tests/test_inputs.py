@@ -3,9 +3,11 @@
 import os
 
 import pytest
+import pyvips
 
 from broker.inputs import Planner
 from broker.settings import Settings
+from broker.sniff import HEAD_BYTES, pixel_count
 
 
 def planner(out, **kw):
@@ -206,3 +208,46 @@ def test_svg_behind_a_prolog_is_an_image():
     svg = b'\xef\xbb\xbf<?xml version="1.0"?>\n<!-- made by hand -->\n<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "x">\n<svg xmlns="http://www.w3.org/2000/svg"/>'
     assert image_format(svg) == "svg"
     assert image_format(b"<html><body>no</body></html>") is None
+
+
+def _image(path, width, height, **save):
+    image = pyvips.Image.xyz(width, height)[0].cast("uchar").bandjoin([64, 128]).copy(interpretation="srgb")
+    if save.pop("alpha", False):
+        image = image.bandjoin(200)
+    image.write_to_file(str(path), **save)
+    return path
+
+
+@pytest.mark.parametrize("name, save", [
+    ("a.png", {}), ("a.gif", {}), ("lossy.webp", {}), ("lossless.webp", {"lossless": True}),
+    ("alpha.webp", {"alpha": True}), ("a.jpg", {}),
+])
+def test_pixel_count_reads_the_size_from_the_header(tmp_path, name, save):
+    path = _image(tmp_path / name, 321, 123, **save)
+    assert pixel_count(str(path), path.read_bytes()[:HEAD_BYTES]) == 321 * 123
+
+
+def test_pixel_count_skips_jpeg_metadata_past_the_first_bytes(tmp_path):
+    """A JPEG's size can sit megabytes in, behind EXIF, ICC and XMP segments."""
+    plain = _image(tmp_path / "plain.jpg", 300, 200).read_bytes()
+    filler = b"".join(b"\xff\xe1" + (65000).to_bytes(2, "big") + bytes(64998) for _ in range(20))
+    path = tmp_path / "meta.jpg"
+    path.write_bytes(plain[:2] + filler + plain[2:])
+    assert pyvips.Image.new_from_file(str(path)).width == 300  # still a valid JPEG
+    assert pixel_count(str(path), path.read_bytes()[:HEAD_BYTES]) == 300 * 200
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(plain[:2] + filler[:100_000])
+    assert pixel_count(str(truncated), truncated.read_bytes()[:HEAD_BYTES]) is None
+
+
+def test_jobs_go_out_biggest_first_by_pixels_not_bytes(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    # A flat PNG of many pixels is a small file; a noisy photo of few is a big one.
+    pyvips.Image.black(3000, 2000).new_from_image([200, 200, 200]).cast("uchar").pngsave(str(src / "flat.png"))
+    pyvips.Image.gaussnoise(800, 600).cast("uchar").jpegsave(str(src / "noisy.jpg"), Q=95)
+    _image(src / "mid.png", 1500, 1000)
+    assert os.path.getsize(src / "flat.png") < os.path.getsize(src / "noisy.jpg")
+    p = planner(tmp_path / "out")
+    p.add_inputs([str(src)])
+    assert [os.path.basename(j.input) for j in p.plan().jobs] == ["flat.png", "mid.png", "noisy.jpg"]
