@@ -148,22 +148,33 @@ class StopFlag:
     """Set by SIGINT/SIGTERM; loops poll with a timeout and check it.
 
     ``count`` tells a second signal from the first: the first asks for a
-    graceful stop, a later one cuts the remaining wait short.
+    graceful stop, a later one cuts the remaining wait short. It is counted
+    from the wakeup fd, one byte per signal delivered: Python runs its handler
+    only once for two signals that land during one long C call (a libvips
+    encode), and the second must not be lost.
     """
+
+    STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
     def __init__(self, parent_pid: int | None = None):
         self._event = threading.Event()
         self.signal_name: str | None = None
-        self.count = 0
+        self._count = 0
         self.parent_pid = parent_pid
         # Readable as soon as a signal arrives: poll loops include it so a
         # stop request wakes them at once instead of at their next timeout.
         self.wakeup_fd: int | None = None
 
     def set(self, name: str = "stop") -> None:
+        """A stop that is not a signal (or a signal without install())."""
         self.signal_name = self.signal_name or name
-        self.count += 1
+        self._count += 1
         self._event.set()
+
+    @property
+    def count(self) -> int:
+        self.drain()
+        return self._count
 
     def __bool__(self) -> bool:
         return self._event.is_set()
@@ -193,8 +204,8 @@ class StopFlag:
 
     def drain(self) -> None:
         try:
-            while os.read(self.wakeup_fd, 512):
-                pass
+            while data := os.read(self.wakeup_fd, 512):
+                self._count += sum(1 for signum in data if signum in self.STOP_SIGNALS)
         except (BlockingIOError, TypeError):
             pass
 
@@ -208,7 +219,9 @@ class StopFlag:
     def install(self, wake_on_child_exit: bool = False) -> StopFlag:
         """Catch SIGINT/SIGTERM; with ``wake_on_child_exit``, SIGCHLD wakes nap() too."""
         def handler(signum, _frame):
-            self.set(signal.Signals(signum).name)
+            # Counted from the wakeup fd (see count), not here.
+            self.signal_name = self.signal_name or signal.Signals(signum).name
+            self._event.set()
 
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)

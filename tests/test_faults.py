@@ -139,3 +139,55 @@ def test_names_that_look_like_flags_are_still_inputs(tmp_path):
                           cwd=src, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert os.path.isfile(src / "-weird" / "-dash.jpg")
+
+
+def test_two_stop_signals_during_one_long_c_call_count_as_two(tmp_path):
+    """Python runs its handler once for both; the second must still count
+    (it is what tells a worker to abandon its image)."""
+    script = (
+        "import hashlib, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from broker.config import StopFlag\n"
+        "stop = StopFlag().install()\n"
+        "data = bytes(600_000_000)\n"
+        "print('ready', flush=True)\n"
+        "hashlib.sha256(data).digest()  # one C call of a second or so\n"
+        "print(stop.count, bool(stop), stop.signal_name, flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert stdout.split() == ["2", "True", "SIGTERM"]
+
+
+def test_ctrl_c_during_a_long_encode_ends_soon_after_the_grace(tmp_path):
+    src = photos(tmp_path, 2, 4000, 3000)
+    out = tmp_path / "out"
+    proc = launch_async(src, "-o", out, "--workers", "1", "--format", "avif", "--quality", "90",
+                        "--grace", "0.5", "--report-json", tmp_path / "r.json", "--log-dir", tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + 30
+        while not any("stopping" not in line and "-> " not in line and "connecting" in line
+                      for f in (tmp_path / "logs").glob("sidecar-*.jsonl") for line in f.read_text().splitlines()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)  # well inside the first image's AVIF encode
+        interrupted = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - interrupted
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    # Not the grace plus two patient waits for a worker that cannot hear signals mid-encode.
+    assert took < 7, (took, stderr)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["state"] == "interrupted" and len(r["unfinished"]) == 2
+    # Unfinished means no output, whole or partial; and no process is left.
+    assert [f for _, _, fs in os.walk(out) for f in fs] == []
+    assert processes_matching(f"--parent-pid {proc.pid}") == []
