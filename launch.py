@@ -31,6 +31,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Crashes worth a fresh worker; SIGKILL/SIGTERM mean someone stopped it on purpose.
 CRASH_SIGNALS = {-signal.SIGSEGV, -signal.SIGABRT, -signal.SIGBUS, -signal.SIGFPE, -signal.SIGILL}
 STOP_WAIT_S = 5.0
+# After Ctrl-C and the grace: how long a worker may take to notice it is over.
+INTERRUPTED_STOP_S = 1.0
 # Children's exits and stop signals wake the supervisor at once; this is only
 # how often it looks at the clock meanwhile.
 SUPERVISE_EVERY_S = 0.1
@@ -131,7 +133,7 @@ class Launcher:
                 # in flight. Second: it cuts that wait short.
                 forwarded += 1
                 _signal(self.broker, signal.SIGTERM)
-            self._replace_crashed_workers()
+            self._replace_crashed_workers(released)
             if not released and self.reporter.poll() is not None:
                 if self.reporter.returncode != 0 and self.broker.poll() is None and self.reporter_restarts:
                     # The reporter died (it did not print the report): another
@@ -163,7 +165,7 @@ class Launcher:
             return EXIT_INTERRUPTED
         return {0: EXIT_OK, 1: EXIT_FAILED, 2: EXIT_USAGE, 130: EXIT_INTERRUPTED}.get(code, EXIT_FAILED)
 
-    def _replace_crashed_workers(self) -> None:
+    def _replace_crashed_workers(self, released: bool) -> None:
         for worker in list(self.workers):
             code = worker.poll()
             if code is None:
@@ -176,16 +178,21 @@ class Launcher:
                 self.respawns_left -= 1
                 logger.warning("worker pid {} exited with {}; starting a new one", worker.pid, code)
                 self.start_worker()
+            elif code == 0 and released:
+                logger.info("worker pid {} stopped", worker.pid)  # we asked it to
             else:
                 logger.warning("worker pid {} exited with {}", worker.pid, code)
 
-    def stop_all(self) -> None:
-        for proc in [*self.workers, self.reporter, self.broker]:
+    def stop_all(self, interrupted: bool = False) -> None:
+        """Stop every child. After an interrupted batch, the grace is over: a
+        worker still inside one long libvips call (its image abandoned) cannot
+        act on a signal until that call returns, so it is killed soon."""
+        procs = [p for p in [*self.workers, self.reporter, self.broker] if p is not None]
+        for proc in procs:
             _signal(proc, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_WAIT_S
-        for proc in [*self.workers, self.reporter, self.broker]:
-            if proc is not None:
-                _wait_or_stop(proc, max(0.0, deadline - time.monotonic()))
+        deadline = time.monotonic() + (INTERRUPTED_STOP_S if interrupted else STOP_WAIT_S)
+        for proc in procs:
+            _wait_or_stop(proc, max(0.0, deadline - time.monotonic()), patient=not interrupted)
 
 
 def _signal(proc, sig) -> None:
@@ -196,17 +203,20 @@ def _signal(proc, sig) -> None:
             pass
 
 
-def _wait_or_stop(proc: subprocess.Popen, timeout: float) -> None:
+def _wait_or_stop(proc: subprocess.Popen, timeout: float, patient: bool = True) -> None:
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         _signal(proc, signal.SIGTERM)
         try:
-            proc.wait(STOP_WAIT_S)
+            proc.wait(STOP_WAIT_S if patient else 0)
         except subprocess.TimeoutExpired:
             from loguru import logger
 
-            logger.error("pid {} did not stop; killing it", proc.pid)
+            if patient:
+                logger.error("pid {} did not stop; killing it", proc.pid)
+            else:
+                logger.warning("pid {} still busy after the interruption; killing it", proc.pid)
             proc.kill()
             proc.wait()
 
@@ -242,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("batch over: exit status {}", code)
         return code
     finally:
-        launcher.stop_all()
+        launcher.stop_all(interrupted=stop.count > 0)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
