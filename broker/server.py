@@ -111,6 +111,9 @@ class Broker:
             logger.warning("completion for unknown job {} from {}; dropped", msg.job_id, msg.worker_id)
             return
         self.dispatcher.seen(msg.worker_id, now)
+        if msg.peak_rss_mb:
+            stats = self.metrics.worker(msg.worker_id, now)
+            stats.peak_rss_mb = max(stats.peak_rss_mb, msg.peak_rss_mb)
         if outcome == "duplicate":
             self.metrics.duplicates += 1
             logger.info("duplicate completion of {} from {} ignored", msg.job_id, msg.worker_id)

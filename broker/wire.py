@@ -83,6 +83,7 @@ class Done:
     kept_original: bool = False
     elapsed_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0  # the worker's peak resident memory, when it has grown
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ after repeated strikes, fails) the job, and the launcher starts a new worker.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import os
 import resource
@@ -176,15 +177,19 @@ def _libc_trim():
 release_memory = _libc_trim()
 
 
+def peak_mb() -> float:
+    """Peak resident memory of this process so far, in MB (one system call)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 * 1.024, 1)  # KiB on Linux
+
+
 def memory_mb() -> tuple[float, float]:
     """(resident now, peak resident) of this process, in MB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
     try:
         with open("/proc/self/statm") as f:
             now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
     except OSError:
         now = 0.0
-    return now, peak * 1.024
+    return now, peak_mb()
 
 
 def _send(sock, msg) -> bool:
@@ -235,6 +240,7 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
     announce()
     last_job = time.monotonic()
     handled = 0
+    reported_peak = 0.0
     poller = stop.poller(dealer)
     while not stop and not stop.parent_gone():
         events = dict(poller.poll(POLL_MS))
@@ -258,6 +264,10 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
         else:
             done, encoded = process(job, config, payload, abandon=lambda: stop.count > 1)
         busy.job = None
+        peak = peak_mb()
+        if peak > reported_peak:
+            # Heartbeats carry memory too, but a batch may end before the first.
+            done, reported_peak = dataclasses.replace(done, peak_rss_mb=peak), peak
         try:
             push.send_multipart(wire.encode(done, encoded), copy=encoded is None)
         except zmq.Again:

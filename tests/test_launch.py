@@ -62,6 +62,8 @@ def test_mixed_batch_reports_failures_and_finishes_the_rest(mixed_folder, tmp_pa
     per = r["workers"]["per_worker"]
     assert r["workers"]["total"] == 2 == len({p["id"] for p in per})
     assert sum(p["tasks"] for p in per) == 10
+    # Memory is known even for a batch shorter than a heartbeat interval.
+    assert all(p["peak_rss_mb"] > 20 for p in per if p["tasks"])
     assert {l["worker_id"] for l in lines} == {p["id"] for p in per}
     # Inputs untouched, no temporary files anywhere in the output tree.
     assert (mixed_folder / "zero.jpg").read_bytes() == b""
