@@ -191,6 +191,9 @@ class Dispatcher:
             return
         if state.status == LEASED:
             self.leased -= 1
+            worker = self.workers.get(state.worker)
+            if worker is not None:
+                worker.held.discard(job_id)  # its credit is free again
         state.status = FAILED
         self.finished += 1
 

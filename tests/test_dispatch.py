@@ -65,6 +65,17 @@ def test_last_jobs_wait_for_an_empty_handed_worker():
     assert d.queued == 1 and drain(d) == []
 
 
+def test_failing_a_leased_job_frees_its_workers_credit():
+    """The broker fails a job it could not send (bytes transport, unreadable
+    input): the worker must be free for the remaining jobs."""
+    d = Dispatcher(jobs(3))
+    d.register("a", 1, 0.0)
+    (worker, job), = drain(d)
+    d.fail(job.job_id)
+    assert d.workers["a"].free == 1
+    assert [w for w, _ in drain(d)] == ["a"]
+
+
 def test_lost_worker_jobs_go_back_first_and_culprit_gets_a_strike():
     d = Dispatcher(jobs(5), max_attempts=3)
     d.register("a", 2, 0.0)

@@ -161,3 +161,22 @@ def test_batch_file_output_is_renamed_for_its_real_format(tmp_path):
     line, = read_jsonl(tmp_path / "r.jsonl")
     assert line["output"] == str(tmp_path / "out" / "y.webp") and line["format"] == "webp"
     assert pyvips.Image.new_from_file(line["output"]).get("vips-loader") == "webpload"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bytes_transport_inputs_the_broker_cannot_send_fail_alone(tmp_path, workers):
+    """An input over --max-image-mb fails before it is sent; the worker it was
+    meant for must still get the rest of the batch."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("huge1.jpg", "huge2.jpg"):
+        (src / name).write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(1_500_000))
+    for i in range(3):
+        make_photo(str(src / f"small{i}.jpg"), 200, 150)
+    proc = run_launch([src, "-o", tmp_path / "out", "--workers", workers, "--transport", "bytes",
+                       "--max-image-mb", 1, "--report-json", tmp_path / "r.json", "--log-dir", tmp_path / "logs"],
+                      timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["tasks"]["completed"], r["tasks"]["failed"]) == (3, 2)
+    assert sorted(os.listdir(tmp_path / "out")) == ["small0.jpg", "small1.jpg", "small2.jpg"]
