@@ -7,6 +7,9 @@ image at all.
 
 from __future__ import annotations
 
+import os
+import stat
+
 HEAD_BYTES = 1024  # enough to see past an SVG's XML prolog, comments and doctype
 
 # Extensions that promise an image: such a file is always turned into a job,
@@ -93,19 +96,26 @@ def pixel_count(path: str, head: bytes) -> int | None:
 
 
 def _jpeg_pixels(path: str, head: bytes) -> int | None:
+    fd = None
     try:
-        with open(path, "rb") as f:
-            offset = 2
-            for _ in range(_JPEG_SEGMENTS_MAX):
-                segment = head[offset:offset + 9]
-                if len(segment) < 9:
-                    f.seek(offset)
-                    segment = f.read(9)
-                if len(segment) < 9 or segment[0] != 0xFF:
-                    return None
-                if segment[1] in _JPEG_SOF:
-                    return int.from_bytes(segment[5:7], "big") * int.from_bytes(segment[7:9], "big")
-                offset += 2 + int.from_bytes(segment[2:4], "big")
+        offset = 2
+        for _ in range(_JPEG_SEGMENTS_MAX):
+            segment = head[offset:offset + 9]
+            if len(segment) < 9:
+                if fd is None:
+                    # Like read_head: never block (the path may have become a FIFO).
+                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        return None
+                segment = os.pread(fd, 9, offset)
+            if len(segment) < 9 or segment[0] != 0xFF:
+                return None
+            if segment[1] in _JPEG_SOF:
+                return int.from_bytes(segment[5:7], "big") * int.from_bytes(segment[7:9], "big")
+            offset += 2 + int.from_bytes(segment[2:4], "big")
     except OSError:
         pass
+    finally:
+        if fd is not None:
+            os.close(fd)
     return None

@@ -251,3 +251,12 @@ def test_jobs_go_out_biggest_first_by_pixels_not_bytes(tmp_path):
     p = planner(tmp_path / "out")
     p.add_inputs([str(src)])
     assert [os.path.basename(j.input) for j in p.plan().jobs] == ["flat.png", "mid.png", "noisy.jpg"]
+
+
+def test_pixel_count_never_blocks_on_a_path_that_became_a_fifo(tmp_path):
+    """The header was read from a JPEG; by the time its metadata is walked the
+    path is a FIFO with no writer: opening it must not block."""
+    plain = _image(tmp_path / "plain.jpg", 300, 200).read_bytes()
+    head = plain[:2] + b"\xff\xe1" + (65000).to_bytes(2, "big") + bytes(HEAD_BYTES - 6)
+    os.mkfifo(tmp_path / "swapped.jpg")
+    assert pixel_count(str(tmp_path / "swapped.jpg"), head) is None
