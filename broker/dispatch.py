@@ -28,6 +28,7 @@ class JobState:
     status: str = QUEUED
     worker: str | None = None
     strikes: int = 0
+    leased_at: float = 0.0
 
 
 @dataclass
@@ -38,6 +39,7 @@ class WorkerState:
     held: set = field(default_factory=set)
     busy_job: str | None = None
     busy_s: float = 0.0
+    max_bytes: int = 0  # the largest job message it accepts; 0: not said
 
     @property
     def free(self) -> int:
@@ -63,16 +65,16 @@ class Dispatcher:
         self.finished = 0
 
     # -- workers -------------------------------------------------------
-    def register(self, worker_id: str, credit: int, now: float) -> None:
+    def register(self, worker_id: str, credit: int, now: float, max_bytes: int = 0) -> None:
         """A worker announced itself, or reminded us it is idle and alive.
 
         A reminder can cross a job on the wire, so it keeps the worker's leases.
         """
         worker = self.workers.get(worker_id)
         if worker is None:
-            self.workers[worker_id] = WorkerState(worker_id, max(1, credit), now)
+            self.workers[worker_id] = WorkerState(worker_id, max(1, credit), now, max_bytes=max_bytes)
         else:
-            worker.credit, worker.last_seen = max(1, credit), now
+            worker.credit, worker.last_seen, worker.max_bytes = max(1, credit), now, max_bytes
 
     def seen(self, worker_id: str, now: float, busy_job: str | None = None,
              busy_s: float = 0.0) -> bool:
@@ -101,14 +103,29 @@ class Dispatcher:
         if worker is None:
             return None
         culprit = culprit or worker.busy_job
+        return self._take_back(worker, list(worker.held), lambda job_id: job_id == culprit, reason)
+
+    def reclaim(self, worker_id: str, sent_before: float, reason: str) -> Lost | None:
+        """The worker says nothing has reached it since ``sent_before``: jobs
+        leased to it earlier were lost on the way (a message larger than it
+        accepts, say). They go back to the queue, each with a strike, so one
+        that can never arrive fails instead of circling for ever."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return None
+        lost = [job_id for job_id in worker.held if self.jobs[job_id].leased_at < sent_before]
+        return self._take_back(worker, lost, lambda _job_id: True, reason) if lost else None
+
+    def _take_back(self, worker: WorkerState, job_ids: list[str], strike, reason: str) -> Lost:
         requeued, failed = [], []
-        for job_id in sorted(worker.held, reverse=True):
+        for job_id in sorted(job_ids, reverse=True):
+            worker.held.discard(job_id)
             state = self.jobs[job_id]
-            if state.status != LEASED or state.worker != worker_id:
+            if state.status != LEASED or state.worker != worker.id:
                 continue
             self.leased -= 1
             state.worker = None
-            if job_id == culprit:
+            if strike(job_id):
                 state.strikes += 1
                 if state.strikes >= self.max_attempts:
                     state.status = FAILED
@@ -119,11 +136,11 @@ class Dispatcher:
             state.job = replace(state.job, attempt=state.job.attempt + 1)
             self.queue.appendleft(job_id)
             requeued.append(job_id)
-        return Lost(worker_id, tuple(requeued), tuple(failed))
+        return Lost(worker.id, tuple(requeued), tuple(failed))
 
     # -- jobs ----------------------------------------------------------
-    def next_assignment(self) -> tuple[str, Job] | None:
-        """The next (worker id, job) to send, or None when nobody can take one."""
+    def next_assignment(self, now: float = 0.0) -> tuple[str, Job] | None:
+        """The next (worker id, job) to send at time ``now``, or None when nobody can take one."""
         while self.queue:
             worker = self._taker()
             if worker is None:
@@ -131,7 +148,7 @@ class Dispatcher:
             state = self.jobs[self.queue.popleft()]
             if state.status != QUEUED:
                 continue  # finished meanwhile by a late completion
-            state.status, state.worker = LEASED, worker.id
+            state.status, state.worker, state.leased_at = LEASED, worker.id, now
             worker.held.add(state.job.job_id)
             self.leased += 1
             return worker.id, state.job

@@ -83,7 +83,14 @@ class Broker:
             return
         if msg.worker_id not in self.dispatcher.workers:
             logger.info("worker {} joined (pid {} on {}, credit {})", msg.worker_id, msg.pid, msg.host, msg.credit)
-        self.dispatcher.register(msg.worker_id, msg.credit, now)
+        self.dispatcher.register(msg.worker_id, msg.credit, now, msg.max_bytes)
+        if msg.idle_s > 0:
+            logger.debug("worker {} idle for {:.1f} s", msg.worker_id, msg.idle_s)
+            lost = self.dispatcher.reclaim(msg.worker_id, now - msg.idle_s,
+                                           f"lost on the way to worker {msg.worker_id} (larger than it "
+                                           f"accepts? see --max-image-mb)")
+            if lost is not None:
+                self._record_lost(lost, "is idle, but job(s) sent to it never arrived")
         stats = self.metrics.worker(msg.worker_id, now)
         stats.state = "live"
         self.first_ready = self.first_ready or now
@@ -147,15 +154,24 @@ class Broker:
             return dataclasses.replace(msg, ok=False, error=error)
         return msg
 
-    def read_payload(self, job: wire.Job) -> bytes | None:
+    def read_payload(self, job: wire.Job, worker_id: str) -> bytes | None:
         """Bytes transport: the input to send, or None after failing the job."""
         try:
-            return read_input(job.input, self.config.max_image_bytes)
+            payload = read_input(job.input, self.config.max_image_bytes)
         except PathError as exc:
-            self.dispatcher.fail(job.job_id)
-            self.metrics.record_failure(job.job_id, job.input, str(exc), None)
-            self._result_line(job.job_id, job.input, job.output, ok=False, error=str(exc))
-            return None
+            return self._fail_unsent(job, str(exc))
+        limit = self.dispatcher.workers[worker_id].max_bytes
+        if limit and len(payload) + len(wire.encode(job)[1]) > limit:
+            # Sent anyway, libzmq would drop it and cut the worker off for good.
+            return self._fail_unsent(job, f"image of {len(payload) / 1e6:.1f} MB is larger than worker "
+                                          f"{worker_id} accepts (its --max-image-mb)")
+        return payload
+
+    def _fail_unsent(self, job: wire.Job, error: str) -> None:
+        self.dispatcher.fail(job.job_id)
+        self.metrics.record_failure(job.job_id, job.input, error, None)
+        self._result_line(job.job_id, job.input, job.output, ok=False, error=error)
+        return None
 
     # -- time-driven ---------------------------------------------------
     def housekeeping(self, now: float) -> None:
@@ -189,15 +205,18 @@ class Broker:
             return None
         stats = self.metrics.worker(worker_id)
         stats.state = "dead" if dead else "gone"
+        self._record_lost(lost, f"lost ({reason})")
+        return lost
+
+    def _record_lost(self, lost: Lost, what: str) -> None:
         if lost.requeued:
             self.metrics.redelivered += len(lost.requeued)
-            logger.warning("worker {} lost ({}); redelivering {} job(s)", worker_id, reason, len(lost.requeued))
+            logger.warning("worker {} {}; redelivering {} job(s)", lost.worker_id, what, len(lost.requeued))
         for job_id, error in lost.failed:
             job = self.dispatcher.jobs[job_id].job
             logger.error("{} failed: {}", job.input, error)
             self.metrics.record_failure(job_id, job.input, error, None)
             self._result_line(job_id, job.input, job.output, ok=False, error=error, attempt=job.attempt)
-        return lost
 
     def note_unfinished(self) -> None:
         """Interrupted: every job not done gets a results line saying so."""
@@ -395,9 +414,10 @@ def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:
 
 def _dispatch(broker: Broker, router) -> None:
     with_bytes = broker.config.transport == "bytes"
-    while (assignment := broker.dispatcher.next_assignment()) is not None:
+    now = time.monotonic()
+    while (assignment := broker.dispatcher.next_assignment(now)) is not None:
         worker_id, job = assignment
-        payload = broker.read_payload(job) if with_bytes else None
+        payload = broker.read_payload(job, worker_id) if with_bytes else None
         if with_bytes and payload is None:
             continue  # unreadable: already failed with a clear error
         try:

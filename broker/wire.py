@@ -48,6 +48,8 @@ class Ready:
     host: str
     pid: int
     credit: int
+    idle_s: float = 0.0  # on an idle reminder: nothing has arrived for this long
+    max_bytes: int = 0   # the largest message it accepts (0: not said)
 
 
 @dataclass(frozen=True, slots=True)

@@ -234,8 +234,9 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
 def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> None:
     credit = Credit(config.credit)
 
-    def announce():
-        _send(dealer, wire.Ready(config.worker_id, socket.gethostname(), os.getpid(), credit.value))
+    def announce(idle_s: float = 0.0):
+        _send(dealer, wire.Ready(config.worker_id, socket.gethostname(), os.getpid(), credit.value, idle_s,
+                                 image_message_limit(config.max_image_bytes)))
 
     announce()
     last_job = time.monotonic()
@@ -247,8 +248,9 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
         if dealer not in events:
             stop.drain()
             if time.monotonic() - last_job >= config.idle_ready_s:
-                # Idle: remind the broker we are here (it may have written us off).
-                announce()
+                # Idle: remind the broker we are here (it may have written us
+                # off), and that nothing has reached us since (see reclaim).
+                announce(idle_s=time.monotonic() - last_job)
                 release_memory()
                 last_job = time.monotonic()
             continue

@@ -76,6 +76,22 @@ def test_failing_a_leased_job_frees_its_workers_credit():
     assert [w for w, _ in drain(d)] == ["a"]
 
 
+def test_jobs_lost_on_the_way_to_an_idle_worker_come_back_then_fail():
+    d = Dispatcher(jobs(4), max_attempts=2)
+    d.register("a", 2, 0.0)
+    assert [d.next_assignment(now=1.0)[1].job_id, d.next_assignment(now=5.0)[1].job_id] == ["j0", "j1"]
+    # Idle for 3 s at t=6: the job sent at 1.0 never arrived; the one sent at 5.0 may still.
+    lost = d.reclaim("a", 6.0 - 3.0, "lost on the way")
+    assert lost.requeued == ("j0",) and lost.failed == ()
+    assert d.workers["a"].held == {"j1"} and d.jobs["j0"].status == QUEUED
+    (_, again), = drain(d)
+    assert again.job_id == "j0" and again.attempt == 2
+    d.jobs["j0"].leased_at = 0.0
+    lost = d.reclaim("a", 3.0, "lost on the way")
+    assert lost.failed == (("j0", "gave up after 2 attempts: lost on the way"),)
+    assert d.reclaim("a", 3.0, "lost on the way") is None
+
+
 def test_lost_worker_jobs_go_back_first_and_culprit_gets_a_strike():
     d = Dispatcher(jobs(5), max_attempts=3)
     d.register("a", 2, 0.0)

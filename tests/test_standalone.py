@@ -4,6 +4,7 @@ import json
 import os
 import time
 
+import pyvips
 import zmq
 
 from conftest import make_photo, start, stop, tcp_endpoints
@@ -209,3 +210,30 @@ def test_broker_gives_up_when_no_worker_ever_joins(tmp_path):
         assert all("no worker joined within 2 s" in f["error"] for f in r["failures"])
     finally:
         stop(broker)
+
+
+def test_a_job_too_large_for_its_worker_fails_alone(tmp_path):
+    """The broker sends images up to 30 MB, the sidecar takes 1 MB. Sent, the
+    big job would be dropped by libzmq, which then cuts the worker off for
+    good; the broker fails it instead, and the rest of the batch finishes."""
+    ep = tcp_endpoints()
+    src = tmp_path / "in"
+    src.mkdir()
+    noise = pyvips.Image.gaussnoise(2000, 1500, sigma=80)
+    noise.bandjoin([noise, noise]).cast("uchar").pngsave(str(src / "big.png"), compression=1)
+    # Over what the sidecar's socket accepts: 1 MB of image plus the 4 MB message allowance.
+    assert os.path.getsize(src / "big.png") > 5_500_000
+    make_photo(str(src / "small.jpg"), 200, 150)
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--transport", "bytes",
+                               "--max-image-mb", 30, "--max-attempts", 2, "--linger", 0))
+    procs = [broker, sidecar(ep, tmp_path, "--max-image-mb", 1)]
+    try:
+        assert broker.wait(60) == 1
+        r = json.loads((tmp_path / "r.json").read_text())
+        assert (r["tasks"]["completed"], r["tasks"]["failed"]) == (1, 1)
+        failure, = r["failures"]
+        assert failure["input"].endswith("big.png")
+        assert "larger than worker" in failure["error"] and "--max-image-mb" in failure["error"]
+        assert os.listdir(tmp_path / "out") == ["small.jpg"]
+    finally:
+        stop(*procs)
