@@ -81,7 +81,8 @@ def setup_logging(component: str, log_dir: str | None, level: str = "INFO", **co
 
     logger.remove()
     logger.configure(extra={"component": component, "worker_id": None, "job_id": None, **context})
-    logger.add(sys.stderr, level=level, format=STDERR_FORMAT, diagnose=False, backtrace=False)
+    if sys.stderr is not None:  # started with stderr closed: the log file still gets everything
+        logger.add(sys.stderr, level=level, format=STDERR_FORMAT, diagnose=False, backtrace=False)
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, f"{component}-{os.getpid()}.jsonl")
@@ -102,7 +103,8 @@ def exit_now(code: int):
         logger.remove()  # flushes and closes the log files
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None when the stream was closed at start
+                stream.flush()
         except (OSError, ValueError):
             pass
     os._exit(0 if code is None else code)

@@ -36,13 +36,15 @@ class ReporterConfig:
 class ProgressPrinter:
     """Overwrites one line on a terminal; prints a line now and then otherwise."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr  # None when stderr was closed: no progress then
+        self.tty = self.stream is not None and self.stream.isatty()
         self.last = 0.0
         self.shown = False
 
     def show(self, text: str) -> None:
+        if self.stream is None:
+            return
         now = time.monotonic()
         if self.tty:
             self.stream.write("\r\033[K" + text)
@@ -110,8 +112,11 @@ def _final_progress(msg: wire.Metrics) -> str:
 
 
 def _print_report(snapshot: dict, config: ReporterConfig) -> None:
-    sys.stdout.write(report(snapshot) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(report(snapshot) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, AttributeError):
+        pass  # nobody reads it (`| head`, or stdout closed): not a failure of ours
     if config.report_json:
         with open(config.report_json, "wb") as f:
             f.write(wire.dumps_pretty(snapshot))

@@ -2,11 +2,13 @@
 
 import json
 import os
+import shlex
+import subprocess
 
 import pyvips
 import pytest
 
-from conftest import make_photo, run_launch
+from conftest import ROOT, make_photo, python_cmd, run_launch
 
 
 def read_jsonl(path):
@@ -180,3 +182,18 @@ def test_bytes_transport_inputs_the_broker_cannot_send_fail_alone(tmp_path, work
     r = json.loads((tmp_path / "r.json").read_text())
     assert (r["tasks"]["completed"], r["tasks"]["failed"]) == (3, 2)
     assert sorted(os.listdir(tmp_path / "out")) == ["small0.jpg", "small1.jpg", "small2.jpg"]
+
+
+@pytest.mark.parametrize("redirect", [">&-", "2>&-", "| true"])
+def test_a_closed_or_unread_stdout_or_stderr_is_not_a_failure(tmp_path, redirect):
+    src = tmp_path / "in"
+    src.mkdir()
+    make_photo(str(src / "a.jpg"), 300, 200)
+    launch = " ".join(shlex.quote(str(a)) for a in python_cmd(
+        os.path.join(ROOT, "launch.py"), src, "-o", tmp_path / "out", "--report-json", tmp_path / "r.json",
+        "--log-dir", tmp_path / "logs"))
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {launch} {redirect}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"]["completed"] == 1
