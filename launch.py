@@ -161,6 +161,12 @@ class Launcher:
             # The broker ended without the reporter seeing a final report.
             _wait_or_stop(self.reporter, 2.0)
         code = self.broker.returncode
+        if code not in (0, 1, 2, 130):
+            from loguru import logger
+
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            logger.error("the broker died ({}) before the batch was over; see its log in {}", how,
+                         self.args.log_dir)
         if stop.count:
             return EXIT_INTERRUPTED
         return {0: EXIT_OK, 1: EXIT_FAILED, 2: EXIT_USAGE, 130: EXIT_INTERRUPTED}.get(code, EXIT_FAILED)

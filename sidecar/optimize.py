@@ -399,4 +399,7 @@ def _vips_message(exc: pyvips.Error) -> str:
         return f"corrupt or truncated image: {text}"
     if "not a known" in text or "is not in a known format" in text:
         return "not a supported image format"
+    if text.startswith("unable to call"):
+        # libvips said only that its loader failed: the file is damaged.
+        return f"corrupt or truncated image ({text})"
     return text or "image could not be processed"

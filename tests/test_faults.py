@@ -191,3 +191,23 @@ def test_ctrl_c_during_a_long_encode_ends_soon_after_the_grace(tmp_path):
     # Unfinished means no output, whole or partial; and no process is left.
     assert [f for _, _, fs in os.walk(out) for f in fs] == []
     assert processes_matching(f"--parent-pid {proc.pid}") == []
+
+
+def test_a_broker_that_dies_is_named_in_the_launchers_error(tmp_path):
+    src = photos(tmp_path, 30, 1600, 1200)
+    proc = launch_async(src, "-o", tmp_path / "out", "--workers", "2", "--format", "png", "--quality", "100",
+                        "--log-dir", tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + 30
+        while not children(proc, "broker"):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(1.0)
+        os.kill(children(proc, "broker")[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "the broker died (killed by SIGKILL)" in stderr
+    assert processes_matching(f"--parent-pid {proc.pid}") == []

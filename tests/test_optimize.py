@@ -280,3 +280,12 @@ def test_srgb_profiles_are_recognised_and_others_are_not():
     p3 = base.icc_transform("p3", input_profile="srgb", embedded=False).get("icc-profile-data")
     assert icc_is_srgb(srgb) and not icc_is_srgb(p3)
     assert not icc_is_srgb(b"garbage" * 30)
+
+
+def test_a_png_with_no_image_data_is_called_damaged(tmp_path):
+    pyvips.Image.black(100, 100, bands=3).pngsave(str(tmp_path / "ok.png"))
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "empty.png").write_bytes(data[:data.index(b"IDAT") - 4] + data[data.index(b"IEND") - 4:])
+    with pytest.raises(ImageError, match="corrupt or truncated image"):
+        run(tmp_path / "empty.png", tmp_path / "out.png")
+    assert not (tmp_path / "out.png").exists()
