@@ -62,6 +62,7 @@ class BatchMetrics:
     durations: list = field(default_factory=list)
     ratios: list = field(default_factory=list)
     stage_totals: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    staged: int = 0  # completions that timed their stages (workers time a sample)
     workers: dict = field(default_factory=dict)
     formats: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
@@ -93,8 +94,10 @@ class BatchMetrics:
         per_format.count += 1
         per_format.bytes_in += in_bytes
         per_format.bytes_out += out_bytes
-        for stage in STAGES:
-            self.stage_totals[stage] += float(timings.get(stage, 0.0))
+        if timings:
+            self.staged += 1
+            for stage in STAGES:
+                self.stage_totals[stage] += float(timings.get(stage, 0.0))
 
     def record_failure(self, job_id: str, input_path: str, error: str,
                        worker_id: str | None = None, elapsed_s: float = 0.0) -> None:
@@ -158,7 +161,8 @@ class BatchMetrics:
             "p95_s": percentile(self.durations, 95),
             "images_per_s": done / duration,
             "input_mb_per_s": self.bytes_in / 1e6 / duration,
-            "stages_avg_s": {s: (t / done if done else 0.0) for s, t in self.stage_totals.items()},
+            "stages_avg_s": {s: (t / self.staged if self.staged else 0.0) for s, t in self.stage_totals.items()},
+            "stages_timed": self.staged,
         }
 
     def _worker_section(self, now: float, duration: float, live_workers: dict) -> dict:

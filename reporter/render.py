@@ -49,7 +49,7 @@ def _time(s: dict) -> list[str]:
         f"(plus {duration(s['startup_s'])} waiting for workers)",
         f"  Per image:             avg {duration(t['avg_s'])}   p50 {duration(t['p50_s'])}   "
         f"p95 {duration(t['p95_s'])}",
-        f"  Stages (avg):          {stages}",
+        f"  Stages (avg):          {stages}   ({t.get('stages_timed', 0)} images timed)",
         f"  Throughput:            {t['images_per_s']:.2f} images/s   {t['input_mb_per_s']:.2f} MB/s in",
     ]
 

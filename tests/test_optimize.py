@@ -289,3 +289,26 @@ def test_a_png_with_no_image_data_is_called_damaged(tmp_path):
     with pytest.raises(ImageError, match="corrupt or truncated image"):
         run(tmp_path / "empty.png", tmp_path / "out.png")
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("settings", [
+    {"format": "jpeg", "resize_mode": "longest", "resize_size": 200},
+    {"format": "png", "quality": 100},
+    {"format": "webp"},
+])
+def test_streaming_a_small_image_gives_the_same_output_without_stage_timings(photo, tmp_path, settings):
+    src = photo("a.png", width=500, height=400, alpha=True)
+    timed = run(src, tmp_path / "timed.out", **settings)
+    streamed = optimize(str(src), str(tmp_path / "streamed.out"), Settings(**settings), staged=False)
+    assert (tmp_path / "timed.out").read_bytes() == (tmp_path / "streamed.out").read_bytes()
+    assert (streamed.width, streamed.height, streamed.out_bytes) == (timed.width, timed.height, timed.out_bytes)
+    assert set(timed.timings) == {"decode", "resize", "encode", "write"} and streamed.timings == {}
+
+
+def test_a_truncated_image_fails_when_streamed_too(photo, tmp_path):
+    whole = open(photo("a.jpg", width=600, height=400), "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    for staged in (True, False):
+        with pytest.raises(ImageError, match="corrupt or truncated"):
+            optimize(str(tmp_path / "cut.jpg"), str(tmp_path / f"out{staged}.jpg"), Settings(), staged=staged)
+        assert not (tmp_path / f"out{staged}.jpg").exists()
