@@ -139,6 +139,22 @@ def make_socket(ctx, kind: int, *, linger: int = LINGER_MS, receives: bool = Tru
     return sock
 
 
+def send_frames(sock, frames: list, *, nowait: bool = False, copy: bool = True) -> None:
+    """send_multipart for the per-job hot paths, with plain int flags.
+
+    pyzmq's send_multipart combines its flags as enum.Flag values, which
+    costs about 3 us per message in Python: a tenth of the bus's budget.
+    Raises zmq.Again (nowait) as send_multipart does.
+    """
+    import zmq
+
+    last = int(zmq.NOBLOCK) if nowait else 0
+    more = int(zmq.SNDMORE) | last
+    for frame in frames[:-1]:
+        sock.send(frame, more, copy=copy)
+    sock.send(frames[-1], last, copy=copy)
+
+
 def image_message_limit(max_image_bytes: int) -> int:
     """Largest message a socket that may carry an image accepts."""
     from broker import wire

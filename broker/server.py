@@ -21,7 +21,7 @@ import zmq
 from loguru import logger
 
 from broker import wire
-from broker.config import BrokerConfig, StopFlag, image_message_limit, make_socket
+from broker.config import BrokerConfig, StopFlag, image_message_limit, make_socket, send_frames
 from broker.dispatch import Dispatcher, Lost
 from broker.inputs import Plan, PlanningInterrupted, Planner
 from broker.metrics import BatchMetrics
@@ -421,8 +421,8 @@ def _dispatch(broker: Broker, router) -> None:
         if with_bytes and payload is None:
             continue  # unreadable: already failed with a clear error
         try:
-            router.send_multipart([worker_id.encode(), *wire.encode(job, payload)], zmq.NOBLOCK,
-                                  copy=payload is None)
+            send_frames(router, [worker_id.encode(), *wire.encode(job, payload)], nowait=True,
+                        copy=payload is None)
         except zmq.Again:
             broker.dispatcher.unsend(worker_id, job.job_id)
             return

@@ -28,7 +28,7 @@ import zmq
 from loguru import logger
 
 from broker import wire
-from broker.config import LINGER_MS, StopFlag, image_message_limit, make_socket
+from broker.config import LINGER_MS, StopFlag, image_message_limit, make_socket, send_frames
 from broker.security import ClientKeys, secure_client
 from broker.settings import Settings, SettingsError
 from sidecar.optimize import ImageError, configure_vips, optimize, optimize_bytes, warm_up
@@ -276,7 +276,7 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
             # Heartbeats carry memory too, but a batch may end before the first.
             done, reported_peak = dataclasses.replace(done, peak_rss_mb=peak), peak
         try:
-            push.send_multipart(wire.encode(done, encoded), copy=encoded is None)
+            send_frames(push, wire.encode(done, encoded), copy=encoded is None)
         except zmq.Again:
             logger.error("broker unreachable: completion of {} not delivered", job.job_id)
         if done.in_bytes >= TRIM_AFTER_BYTES and memory_mb()[0] > TRIM_ABOVE_MB:

@@ -80,3 +80,32 @@ def test_well_formed_but_wrong_values_are_refused(body, fragment):
     base = {"v": 1, "job_id": "j", "batch_id": "b", "worker_id": "w", "ok": True}
     with pytest.raises(wire.WireError, match=fragment):
         wire.decode([b"done", orjson.dumps({**base, **body})])
+
+
+def test_send_frames_delivers_multipart_and_raises_like_send_multipart():
+    import zmq
+
+    from broker.config import send_frames
+
+    with zmq.Context() as ctx:
+        router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.linger = dealer.linger = 0
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.routing_id = b"w1"
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(b"hello")
+        assert router.recv_multipart() == [b"w1", b"hello"]
+        frames = wire.encode(wire.Job("j1", "b1", "/in/a.jpg", "/out/a.jpg", {}), b"\x00payload")
+        send_frames(router, [b"w1", *frames], nowait=True, copy=False)
+        assert wire.decode_with_payload(dealer.recv_multipart())[1] == b"\x00payload"
+        with pytest.raises(zmq.ZMQError) as unknown:  # no such worker: the broker writes it off
+            send_frames(router, [b"nobody", *frames], nowait=True)
+        assert unknown.value.errno == zmq.EHOSTUNREACH
+        lonely = ctx.socket(zmq.PUSH)
+        lonely.linger = 0
+        with pytest.raises(zmq.Again):  # no peer: the caller puts the job back
+            send_frames(lonely, frames, nowait=True)
+        lonely.close()
+        router.close()
+        dealer.close()
