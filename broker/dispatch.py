@@ -162,11 +162,16 @@ class Dispatcher:
         while some other worker sits idle and the batch could be over.
         """
         last_jobs = self.queued <= len(self.workers)
-        best = None
+        # A worker's credit grows for short jobs (to hide the refill delay); in
+        # a small batch that would let the first fast worker hoard what the
+        # others are about to ask for, so no worker holds more than a quarter
+        # of its share of what is still queued (and never less than 2).
+        cap = max(2, -(-self.queued // (4 * len(self.workers)))) if self.workers else 0
+        best, best_free = None, 0
         for worker in self.workers.values():
-            if worker.free > 0 and not (last_jobs and worker.held):
-                if best is None or worker.free > best.free:
-                    best = worker
+            free = min(worker.credit, cap) - len(worker.held)
+            if free > best_free and not (last_jobs and worker.held):
+                best, best_free = worker, free
         return best
 
     def unsend(self, worker_id: str, job_id: str) -> None:

@@ -51,6 +51,17 @@ def test_late_joiner_is_served_at_once():
     assert Counter(w for w, _ in drain(d)) == {"late": 2}
 
 
+def test_in_a_small_batch_a_fast_worker_cannot_hoard():
+    d = Dispatcher(jobs(40))
+    for name, credit in (("fast", 8), ("b", 2), ("c", 2), ("d", 2)):
+        d.register(name, credit, 0.0)
+    held = Counter(w for w, _ in drain(d))
+    assert held["fast"] == 3 and held["b"] == held["c"] == held["d"] == 2  # 40 / (4 x 4) -> 3
+    big = Dispatcher(jobs(2000))
+    big.register("fast", 8, 0.0)
+    assert len(drain(big)) == 8  # a big batch leaves the credit alone
+
+
 def test_last_jobs_wait_for_an_empty_handed_worker():
     """No last job queues behind another worker's job while a worker could idle."""
     d = Dispatcher(jobs(6))
