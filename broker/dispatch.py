@@ -107,8 +107,8 @@ class Dispatcher:
 
     def reclaim(self, worker_id: str, sent_before: float, reason: str) -> Lost | None:
         """The worker says nothing has reached it since ``sent_before``: jobs
-        leased to it earlier were lost on the way (a message larger than it
-        accepts, say). They go back to the queue, each with a strike, so one
+        leased to it earlier were lost on the way (a dropped connection loses
+        what was in it). They go back to the queue, each with a strike, so one
         that can never arrive fails instead of circling for ever."""
         worker = self.workers.get(worker_id)
         if worker is None:

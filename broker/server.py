@@ -87,8 +87,7 @@ class Broker:
         if msg.idle_s > 0:
             logger.debug("worker {} idle for {:.1f} s", msg.worker_id, msg.idle_s)
             lost = self.dispatcher.reclaim(msg.worker_id, now - msg.idle_s,
-                                           f"lost on the way to worker {msg.worker_id} (larger than it "
-                                           f"accepts? see --max-image-mb)")
+                                           f"lost on the way to worker {msg.worker_id} (its connection dropped?)")
             if lost is not None:
                 self._record_lost(lost, "is idle, but job(s) sent to it never arrived")
         stats = self.metrics.worker(msg.worker_id, now)
@@ -161,8 +160,9 @@ class Broker:
         except PathError as exc:
             return self._fail_unsent(job, str(exc))
         limit = self.dispatcher.workers[worker_id].max_bytes
-        if limit and len(payload) + len(wire.encode(job)[1]) > limit:
-            # Sent anyway, libzmq would drop it and cut the worker off for good.
+        if limit and len(payload) > limit:
+            # The limit is per frame. Sent anyway, libzmq would drop it and
+            # cut the worker off for good.
             return self._fail_unsent(job, f"image of {len(payload) / 1e6:.1f} MB is larger than worker "
                                           f"{worker_id} accepts (its --max-image-mb)")
         return payload
