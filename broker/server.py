@@ -21,7 +21,8 @@ import zmq
 from loguru import logger
 
 from broker import wire
-from broker.config import BrokerConfig, StopFlag, image_message_limit, make_socket, send_frames
+from broker.config import (BrokerConfig, StopFlag, image_message_limit, make_socket, recv_frames,
+                           send_frames)
 from broker.dispatch import Dispatcher, Lost
 from broker.inputs import Plan, PlanningInterrupted, Planner
 from broker.metrics import BatchMetrics
@@ -392,7 +393,7 @@ def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:
     """Handle every message waiting on ``sock``; bad ones are logged and dropped."""
     for _ in range(10_000):
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            frames = recv_frames(sock, nowait=True)
         except zmq.Again:
             return
         identity = frames.pop(0) if from_router else None

@@ -177,11 +177,23 @@ def _check_numbers(kind: str, name: str, value: dict) -> None:
             raise WireError(f"{kind}: {name}[{key[:32]!r}] must be a non-negative number")
 
 
+_REQUIRED = object()  # the "default" of a field every message must carry
+
+
 @dataclass(frozen=True)
 class _Schema:
     kind: str
     required: frozenset[str]
-    fields: tuple[tuple[str, frozenset[type], str | None], ...]  # (name, accepted types, check)
+    defaults: tuple[tuple[str, object], ...]            # (name, default or _REQUIRED), in order
+    checks: dict[str, tuple[frozenset[type], str | None]]  # name -> (accepted types, value check)
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _REQUIRED
 
 
 def _schema(cls) -> _Schema:
@@ -189,23 +201,27 @@ def _schema(cls) -> _Schema:
     fields = dataclasses.fields(cls)
     return _Schema(
         cls.KIND.decode(),
-        frozenset(f.name for f in fields
-                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING),
-        tuple((f.name, _accepted_types(hints[f.name]), _value_check(hints[f.name])) for f in fields),
+        frozenset(f.name for f in fields if _default(f) is _REQUIRED),
+        tuple((f.name, _default(f)) for f in fields),
+        {f.name: (_accepted_types(hints[f.name]), _value_check(hints[f.name])) for f in fields},
     )
 
 
 _SCHEMAS = {cls.KIND: _schema(cls) for cls in MESSAGE_TYPES}
-_NAMES = {kind: tuple(name for name, _, _ in schema.fields) for kind, schema in _SCHEMAS.items()}
 # Kinds that may carry the image itself as a third frame.
 WITH_PAYLOAD = frozenset({Job.KIND, Done.KIND})
 
 
 def encode(msg: Message, payload=None) -> list:
-    """The frames for ``msg``: ``[kind, body]``, plus ``payload`` if given."""
+    """The frames for ``msg``: ``[kind, body]``, plus ``payload`` if given.
+
+    Fields still at their default are left out: the receiver puts them back.
+    """
     body = {"v": VERSION}
-    for name in _NAMES[msg.KIND]:
-        body[name] = getattr(msg, name)
+    for name, default in _SCHEMAS[msg.KIND].defaults:
+        value = getattr(msg, name)
+        if value != default or type(value) is not type(default):
+            body[name] = value
     frames = [msg.KIND, orjson.dumps(body)]
     if payload is not None:
         if msg.KIND not in WITH_PAYLOAD:
@@ -225,11 +241,13 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
     """Parse and validate ``[kind, body]``; raise WireError on anything amiss.
 
     ``expect`` limits which kinds this receiver accepts. Unknown fields are
-    ignored (a newer peer may add some).
+    ignored (a newer peer may add some); missing optional ones take their default.
     """
     if len(frames) != 2:
         raise WireError(f"expected 2 frames, got {len(frames)}")
-    kind, raw = (bytes(f) if not isinstance(f, bytes) else f for f in frames)
+    kind, raw = frames
+    if type(kind) is not bytes:
+        kind = bytes(kind)
     cls = BY_KIND.get(kind)
     if cls is None or (expect is not None and cls not in expect):
         raise WireError(f"unexpected message kind {kind[:32]!r}")
@@ -240,18 +258,21 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
         raise WireError(f"{schema.kind}: body is not JSON ({exc})") from None
     if type(body) is not dict:
         raise WireError(f"{schema.kind}: body is not an object")
-    if body.get("v") != VERSION:
-        raise WireError(f"{schema.kind}: protocol version {body.get('v')!r}, expected {VERSION}")
+    version = body.pop("v", None)
+    if version != VERSION:
+        raise WireError(f"{schema.kind}: protocol version {version!r}, expected {VERSION}")
     if not schema.required <= body.keys():
         missing = sorted(schema.required - body.keys())
         raise WireError(f"{schema.kind}: missing field {missing[0]!r}")
     values = {}
+    checks = schema.checks
     # The hot path of the whole bus (the broker decodes every completion):
-    # one dict lookup and one exact type test per field.
-    for name, accepted, check in schema.fields:
-        value = body.get(name, _ABSENT)
-        if value is _ABSENT:
+    # one dict lookup and one exact type test per field present.
+    for name, value in body.items():
+        spec = checks.get(name)
+        if spec is None:
             continue
+        accepted, check = spec
         if type(value) not in accepted:
             raise WireError(f"{schema.kind}: field {name!r} has type {type(value).__name__}")
         if check is not None and value is not None:
@@ -263,8 +284,6 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
         values[name] = value
     return cls(**values)
 
-
-_ABSENT = object()
 
 
 def dumps(obj) -> bytes:

@@ -28,7 +28,7 @@ import zmq
 from loguru import logger
 
 from broker import wire
-from broker.config import LINGER_MS, StopFlag, image_message_limit, make_socket, send_frames
+from broker.config import LINGER_MS, StopFlag, image_message_limit, make_socket, recv_frames, send_frames
 from broker.security import ClientKeys, secure_client
 from broker.settings import Settings, SettingsError
 from sidecar.optimize import ImageError, configure_vips, optimize, optimize_bytes, warm_up
@@ -248,18 +248,21 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
     reported_peak = 0.0
     poller = stop.poller(dealer)
     while not stop and not stop.parent_gone():
-        events = dict(poller.poll(POLL_MS))
-        if dealer not in events:
-            stop.drain()
-            if time.monotonic() - last_job >= config.idle_ready_s:
-                # Idle: remind the broker we are here (it may have written us
-                # off), and that nothing has reached us since (see reclaim).
-                announce(idle_s=time.monotonic() - last_job)
-                release_memory()
-                last_job = time.monotonic()
+        try:
+            # Jobs already queued are taken without polling first.
+            frames = recv_frames(dealer, nowait=True)
+        except zmq.Again:
+            if dealer not in dict(poller.poll(POLL_MS)):
+                stop.drain()
+                if time.monotonic() - last_job >= config.idle_ready_s:
+                    # Idle: remind the broker we are here (it may have written us
+                    # off), and that nothing has reached us since (see reclaim).
+                    announce(idle_s=time.monotonic() - last_job)
+                    release_memory()
+                    last_job = time.monotonic()
             continue
         try:
-            job, payload = wire.decode_with_payload(dealer.recv_multipart(), (wire.Job,))
+            job, payload = wire.decode_with_payload(frames, (wire.Job,))
         except wire.WireError as exc:
             logger.warning("dropped a malformed message: {}", exc)
             continue

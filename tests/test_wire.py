@@ -23,6 +23,15 @@ def test_every_kind_round_trips():
         assert wire.decode(frames) == msg
 
 
+def test_fields_at_their_default_stay_off_the_wire():
+    assert orjson.loads(wire.encode(wire.Heartbeat("w"))[1]) == {"v": 1, "worker_id": "w"}
+    done = wire.Done("j", "b", "w", True, out_bytes=0, elapsed_s=0.25, timings={"decode": 0.1})
+    assert orjson.loads(wire.encode(done)[1]) == {"v": 1, "job_id": "j", "batch_id": "b", "worker_id": "w",
+                                                   "ok": True, "elapsed_s": 0.25, "timings": {"decode": 0.1}}
+    # A value equal to the default but of another type still travels as given.
+    assert orjson.loads(wire.encode(wire.Heartbeat("w", busy_s=0))[1])["busy_s"] == 0
+
+
 def test_optional_fields_take_defaults():
     frames = [b"done", orjson.dumps({"v": 1, "job_id": "j", "batch_id": "b", "worker_id": "w", "ok": False})]
     msg = wire.decode(frames)
@@ -85,7 +94,7 @@ def test_well_formed_but_wrong_values_are_refused(body, fragment):
 def test_send_frames_delivers_multipart_and_raises_like_send_multipart():
     import zmq
 
-    from broker.config import send_frames
+    from broker.config import recv_frames, send_frames
 
     with zmq.Context() as ctx:
         router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
@@ -98,7 +107,11 @@ def test_send_frames_delivers_multipart_and_raises_like_send_multipart():
         assert router.recv_multipart() == [b"w1", b"hello"]
         frames = wire.encode(wire.Job("j1", "b1", "/in/a.jpg", "/out/a.jpg", {}), b"\x00payload")
         send_frames(router, [b"w1", *frames], nowait=True, copy=False)
-        assert wire.decode_with_payload(dealer.recv_multipart())[1] == b"\x00payload"
+        assert wire.decode_with_payload(recv_frames(dealer))[1] == b"\x00payload"
+        dealer.send(b"one frame")
+        assert recv_frames(router) == [b"w1", b"one frame"]
+        with pytest.raises(zmq.Again):
+            recv_frames(router, nowait=True)
         with pytest.raises(zmq.ZMQError) as unknown:  # no such worker: the broker writes it off
             send_frames(router, [b"nobody", *frames], nowait=True)
         assert unknown.value.errno == zmq.EHOSTUNREACH
