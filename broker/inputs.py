@@ -46,6 +46,7 @@ class Plan:
     rejected: list[Rejected]
     skipped: list[Job]          # --skip-existing: output already there
     ignored_files: int = 0      # non-image files met while walking
+    real_inputs: frozenset[str] = frozenset()  # every input named, links resolved
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class Planner:
                 plan.jobs.append(job)
                 work[job.job_id] = c.work
         plan.jobs.sort(key=lambda job: work[job.job_id], reverse=True)
+        plan.real_inputs = frozenset(inputs)
         return plan
 
     # -- one job -------------------------------------------------------

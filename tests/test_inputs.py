@@ -260,3 +260,21 @@ def test_pixel_count_never_blocks_on_a_path_that_became_a_fifo(tmp_path):
     head = plain[:2] + b"\xff\xe1" + (65000).to_bytes(2, "big") + bytes(HEAD_BYTES - 6)
     os.mkfifo(tmp_path / "swapped.jpg")
     assert pixel_count(str(tmp_path / "swapped.jpg"), head) is None
+
+
+def test_the_brokers_own_files_never_replace_an_input(photo, tmp_path):
+    from dataclasses import replace
+
+    from broker.config import BrokerConfig
+    from broker.security import SecurityError
+    from broker.server import check_own_files, plan_batch
+
+    src = photo("a.jpg")
+    os.symlink(src, tmp_path / "link.json")
+    config = BrokerConfig(inputs=(str(tmp_path / "in"),), output_dir=str(tmp_path / "out"), output_dir_given=True)
+    plan = plan_batch(config, "b")
+    with pytest.raises(SecurityError, match="--report-json"):
+        check_own_files(replace(config, report_json=str(tmp_path / "link.json")), plan)
+    with pytest.raises(SecurityError, match="--results-jsonl"):
+        check_own_files(replace(config, results_jsonl=src), plan)
+    check_own_files(replace(config, report_json=str(tmp_path / "r.json")), plan)  # not an input: fine
