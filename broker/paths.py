@@ -62,8 +62,14 @@ def read_input(path: str, max_bytes: int = 0) -> bytes:
                 raise PathError("input is not a regular file (a pipe, socket or device)")
             if max_bytes and info.st_size > max_bytes:
                 raise PathError(f"input is larger than the limit of {max_bytes / 1e6:.0f} MB (--max-image-mb)")
-            data = f.read(max_bytes + 1) if max_bytes else f.read()
-            if max_bytes and len(data) > max_bytes:
+            if not max_bytes:
+                return f.read()
+            # As much as fstat announced, plus a byte to notice growth: read()
+            # allocates what it is asked for, and 100 MB per small image costs.
+            data = f.read(min(info.st_size, max_bytes) + 1)
+            if len(data) > info.st_size:  # it grew meanwhile: read on, up to the limit
+                data += f.read(max_bytes + 1 - len(data))
+            if len(data) > max_bytes:
                 raise PathError(f"input is larger than the limit of {max_bytes / 1e6:.0f} MB (--max-image-mb)")
             return data
     except PathError:

@@ -250,6 +250,24 @@ def test_input_size_limit(photo, tmp_path):
         optimize(src, str(tmp_path / "o.jpg"), Settings(), max_bytes=1000)
 
 
+def test_an_input_that_grows_after_its_size_was_read_is_read_whole_up_to_the_limit(tmp_path, monkeypatch):
+    from broker import paths
+
+    path = tmp_path / "growing.bin"
+    path.write_bytes(b"x" * 5000)
+    real_fstat = os.fstat
+
+    class Understated:  # what fstat said before the file grew to 5000 bytes
+        def __init__(self, fd):
+            self._info = real_fstat(fd)
+            self.st_mode, self.st_size = self._info.st_mode, 1000
+
+    monkeypatch.setattr(paths.os, "fstat", Understated)
+    assert paths.read_input(str(path), max_bytes=8000) == b"x" * 5000
+    with pytest.raises(paths.PathError, match="larger than the limit"):
+        paths.read_input(str(path), max_bytes=3000)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garble"])
 def test_large_images_that_stream_still_fail_on_damage(photo, tmp_path, damage):
     """Over STREAM_PIXELS with no resize, decoding happens inside the encoder."""
