@@ -160,15 +160,13 @@ def optimize_bytes(data, settings: Settings, *, max_pixels: int = DEFAULT_MAX_PI
 
     out_format = output_format(settings.format, in_format)
     resizing = target_size(*upright, settings.resize_mode, settings.resize_size) != upright
-    image = reshape(image, upright, settings, out_format, materialize=resizing or not streamed)
-    if streamed and resizing:
-        _check_damage()  # only the small resized copy is left
+    image = reshape(image, upright, settings, out_format, materialize=not streamed)
     clock = _lap(timings, "resize", clock)
 
     encoded = encode(image, out_format, settings)
     width, height = image.width, _page_height(image)
     del image
-    if streamed and not resizing:
+    if streamed:
         _check_damage()  # the decoder has just been freed
     _lap(timings, "encode", clock)
 
