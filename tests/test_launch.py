@@ -74,8 +74,12 @@ def test_mixed_batch_reports_failures_and_finishes_the_rest(mixed_folder, tmp_pa
     logs = os.listdir(tmp_path / "logs")
     assert {name.split("-")[0] for name in logs} == {"launch", "broker", "sidecar", "reporter"}
     sidecar_log = next(n for n in logs if n.startswith("sidecar"))
-    record = json.loads(open(tmp_path / "logs" / sidecar_log).readline())["record"]
-    assert record["extra"]["component"] == "sidecar" and record["extra"]["worker_id"]
+    record = json.loads(open(tmp_path / "logs" / sidecar_log).readline())
+    assert record["component"] == "sidecar" and record["worker_id"] and record["level"] and record["message"]
+    # Every image a worker did is one line there, with its job id.
+    done_lines = [json.loads(line) for name in logs if name.startswith("sidecar")
+                  for line in open(tmp_path / "logs" / name) if " -> " in line]
+    assert sorted(line["job_id"] for line in done_lines) == sorted(l["job_id"] for l in lines if l["ok"])
     # The last line a worker logs, just before its quick exit, reached the file.
     for name in logs:
         if name.startswith("sidecar"):

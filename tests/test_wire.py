@@ -122,3 +122,26 @@ def test_send_frames_delivers_multipart_and_raises_like_send_multipart():
         lonely.close()
         router.close()
         dealer.close()
+
+
+def test_log_file_lines_are_flat_json_with_context_and_tracebacks(tmp_path):
+    from pathlib import Path
+
+    from loguru import logger
+
+    from broker.config import setup_logging
+
+    setup_logging("tester", str(tmp_path), worker_id="w1")
+    try:
+        logger.bind(job_id="j7").debug("did {}", "it")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            logger.bind(job_id=Path("/odd/value")).exception("it broke")
+    finally:
+        logger.remove()
+    (name,) = [p.name for p in tmp_path.iterdir()]
+    first, second = [orjson.loads(line) for line in (tmp_path / name).read_bytes().splitlines()]
+    assert first["component"] == "tester" and first["worker_id"] == "w1" and first["job_id"] == "j7"
+    assert first["level"] == "DEBUG" and first["message"] == "did it" and first["time"]
+    assert second["job_id"] == "/odd/value" and "ZeroDivisionError" in second["exception"]
