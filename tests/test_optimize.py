@@ -269,17 +269,22 @@ def test_an_input_that_grows_after_its_size_was_read_is_read_whole_up_to_the_lim
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble"])
-def test_large_images_that_stream_still_fail_on_damage(photo, tmp_path, damage):
-    """Over STREAM_PIXELS with no resize, decoding happens inside the encoder."""
-    src = photo("big.jpg", width=2600, height=1800)
+@pytest.mark.parametrize("size", [(2600, 1800), (640, 480)])
+@pytest.mark.parametrize("resize", ["none", "longest"])
+@pytest.mark.parametrize("staged", [True, False])
+def test_images_that_stream_still_fail_on_damage(photo, tmp_path, damage, size, resize, staged):
+    """Streamed (large, or untimed) images decode inside the resize or the
+    encoder; the damage must still be caught and nothing written."""
+    src = photo("big.jpg", width=size[0], height=size[1])
     data = bytearray(open(src, "rb").read())
     if damage == "truncate":
         data = data[: len(data) // 2]
     else:
-        data[len(data) // 3: len(data) // 3 + 3000] = b"\xaa" * 3000
+        data[len(data) // 3: len(data) // 3 + len(data) // 6] = b"\xaa" * (len(data) // 6)
     open(src, "wb").write(bytes(data))
+    settings = Settings(resize_mode=resize, resize_size=400 if resize != "none" else 0)
     with pytest.raises(ImageError, match="corrupt"):
-        run(src, tmp_path / "out" / "big.jpg")
+        optimize(str(src), str(tmp_path / "out" / "big.jpg"), settings, staged=staged)
     assert not (tmp_path / "out" / "big.jpg").exists()
 
 
