@@ -46,10 +46,12 @@ BROKER_HANDLERS_S = 1.0
 def build_parser():
     p = OneLineParser(prog="launch.py", description=__doc__.split("\n\n")[0])
     add_batch_arguments(p)
-    cores = os.cpu_count() or 1
+    cores = len(common.usable_cpus())
     p.add_argument("--workers", type=int, default=cores, help="sidecar processes (default: CPU count)")
     p.add_argument("--vips-threads", type=int,
                    help="libvips threads per worker (default: CPU count / workers, at least 1)")
+    p.add_argument("--pin-workers", choices=("auto", "off"), default="auto",
+                   help="auto: when workers x threads fit the CPUs, give each worker CPUs of its own")
     p.add_argument("--credit", type=int, default=2, help="jobs a worker may hold at once (default: 2)")
     p.add_argument("--no-worker-timeout", type=float, default=15.0, metavar="S",
                    help="give up when no worker has been alive this long (default: %(default)s)")
@@ -74,8 +76,11 @@ class Launcher:
         self.respawns_left = 3 * args.workers
         self.reporter_restarts = 3
         self.broker_started = time.monotonic()
-        cores = os.cpu_count() or 1
-        self.vips_threads = args.vips_threads or max(1, cores // max(1, args.workers))
+        cpus = common.usable_cpus()
+        self.vips_threads = args.vips_threads or max(1, len(cpus) // max(1, args.workers))
+        self.cpu_sets = (common.plan_cpu_sets(args.workers, self.vips_threads, cpus)
+                         if args.pin_workers == "auto" else None)
+        self.slots: dict[subprocess.Popen, int] = {}  # worker -> its place in cpu_sets
 
     def _start(self, module: str, *argv: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", module, "--parent-pid", str(os.getpid()), *argv]
@@ -112,15 +117,17 @@ class Launcher:
         roots = [arg for path in a.inputs for arg in ("--input-root", os.path.abspath(path))]
         return roots + ["--output-root", os.path.abspath(a.output or "out")]
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, slot: int) -> subprocess.Popen:
         a = self.args
-        worker = self._start("sidecar", "--connect", self.endpoints["jobs"], *self.confinement(),
+        cpus = ["--cpus", common.format_cpus(self.cpu_sets[slot])] if self.cpu_sets else []
+        worker = self._start("sidecar", "--connect", self.endpoints["jobs"], *self.confinement(), *cpus,
                              "--results", self.endpoints["results"], "--credit", str(a.credit),
                              "--job-timeout", str(a.job_timeout), "--vips-threads", str(self.vips_threads),
                              "--max-image-mb", str(a.max_image_mb),
                              "--log-dir", a.log_dir, "--log-level", a.log_level,
                              *(["--noop"] if a.noop else []))
         self.workers.append(worker)
+        self.slots[worker] = slot
         return worker
 
     def supervise(self, stop: common.StopFlag) -> int:
@@ -177,13 +184,14 @@ class Launcher:
             if code is None:
                 continue
             self.workers.remove(worker)
+            slot = self.slots.pop(worker)
             crashed = code > 0 or code in CRASH_SIGNALS
             from loguru import logger
 
             if crashed and self.respawns_left > 0 and self.broker.poll() is None:
                 self.respawns_left -= 1
                 logger.warning("worker pid {} exited with {}; starting a new one", worker.pid, code)
-                self.start_worker()
+                self.start_worker(slot)  # on the CPUs its predecessor had
             elif code == 0 and released:
                 logger.info("worker pid {} stopped", worker.pid)  # we asked it to
             else:
@@ -246,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Start everything first; the launcher's own logging can wait.
         launcher.start_broker()
-        for _ in range(args.workers):
-            launcher.start_worker()
+        for slot in range(args.workers):
+            launcher.start_worker(slot)
         launcher.start_reporter()
         common.setup_logging("launch", args.log_dir, args.log_level)
         from loguru import logger

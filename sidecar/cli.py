@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker-key", metavar="FILE", help="CURVE: the broker's public key file")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback broker without CURVE (only on a network you trust)")
+    p.add_argument("--cpus", metavar="LIST",
+                   help="run only on these CPUs, e.g. 0 or 2-3 (the launcher gives each worker its own)")
     p.add_argument("--noop", action="store_true",
                    help="benchmark mode: acknowledge jobs without touching any file")
     p.add_argument("--log-dir", default="logs", metavar="DIR")
@@ -45,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.credit < 1 or args.vips_threads < 1 or args.job_timeout <= 0:
         parser.error("--credit, --vips-threads and --job-timeout must be positive")
     stop = common.StopFlag(args.parent_pid).install()  # first: a signal may come any moment
+    if args.cpus:
+        # Before any thread exists (libvips', libzmq's, the heartbeat): threads
+        # take their CPUs from the thread that starts them.
+        try:
+            os.sched_setaffinity(0, common.parse_cpus(args.cpus))
+        except (ValueError, OSError) as exc:
+            parser.error(f"--cpus {args.cpus}: {exc}")
     # libvips reads this once, when it starts: before the first pyvips import.
     os.environ["VIPS_CONCURRENCY"] = str(args.vips_threads)
     from loguru import logger

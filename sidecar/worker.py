@@ -28,7 +28,9 @@ import zmq
 from loguru import logger
 
 from broker import wire
-from broker.config import LINGER_MS, StopFlag, image_message_limit, make_socket, recv_frames, send_frames
+from broker.config import (
+    LINGER_MS, StopFlag, format_cpus, image_message_limit, make_socket, recv_frames, send_frames, usable_cpus,
+)
 from broker.security import ClientKeys, secure_client
 from broker.settings import Settings, SettingsError
 from sidecar.optimize import ImageError, configure_vips, optimize, optimize_bytes, warm_up
@@ -223,7 +225,8 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
             dealer.connect(config.jobs_endpoint)
             push.connect(config.results_endpoint)
             heart.start()
-            logger.info("worker {} connecting to {}", config.worker_id, config.jobs_endpoint)
+            logger.info("worker {} connecting to {} (CPUs {})", config.worker_id, config.jobs_endpoint,
+                        format_cpus(usable_cpus()))
             try:
                 _serve(dealer, push, config, busy, stop)
             finally:

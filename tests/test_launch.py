@@ -201,3 +201,55 @@ def test_a_closed_or_unread_stdout_or_stderr_is_not_a_failure(tmp_path, redirect
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["tasks"]["completed"] == 1
+
+
+def test_cpu_sets_split_the_cpus_only_when_every_worker_fits():
+    from broker.config import parse_cpus, plan_cpu_sets
+
+    assert parse_cpus("0") == [0] and parse_cpus("3,0-1") == [0, 1, 3]
+    for bad in ("", "a", "2-1", "-1"):
+        with pytest.raises(ValueError):
+            parse_cpus(bad)
+    assert plan_cpu_sets(2, 1, [0, 1]) == [[0], [1]]
+    assert plan_cpu_sets(2, 2, [0, 1, 4, 5]) == [[0, 1], [4, 5]]
+    assert plan_cpu_sets(1, 1, [0, 1]) == [[0]]
+    assert plan_cpu_sets(3, 1, [0, 1]) is None   # more workers than CPUs: the scheduler decides
+    assert plan_cpu_sets(2, 2, [0, 1, 2]) is None
+
+
+def _worker_cpus(log_dir) -> list[set[int]]:
+    found = []
+    for name in os.listdir(log_dir):
+        if name.startswith("sidecar"):
+            for line in read_jsonl(os.path.join(log_dir, name)):
+                if "connecting to" in line["message"]:
+                    found.append({int(c) for c in line["message"].rsplit("(CPUs ", 1)[1].rstrip(")").split(",")})
+    return found
+
+
+def test_workers_under_the_launcher_get_cpus_of_their_own(tmp_path):
+    from broker.config import usable_cpus
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        make_photo(str(src / f"p{i}.jpg"), 200, 150)
+    cpus = set(usable_cpus())
+
+    def worker_cpus(*flags):
+        logs = tmp_path / f"logs{len(flags)}"
+        proc = run_launch([src, "-o", tmp_path / "out", "--log-dir", logs, *flags])
+        assert proc.returncode == 0, proc.stderr
+        return _worker_cpus(logs)
+
+    pinned = worker_cpus("--workers", len(cpus), "--vips-threads", 1)
+    assert len(pinned) == len(cpus) and all(len(s) == 1 for s in pinned) and set.union(*pinned) == cpus
+    assert worker_cpus("--workers", len(cpus), "--vips-threads", 1, "--pin-workers", "off") == [cpus] * len(cpus)
+    assert worker_cpus("--workers", len(cpus) + 1, "--vips-threads", 1, "--skip-existing") == [cpus] * (len(cpus) + 1)
+
+
+@pytest.mark.parametrize("cpus", ["nope", "99999"])
+def test_a_standalone_sidecar_refuses_cpus_it_cannot_have(cpus):
+    proc = subprocess.run(python_cmd("-m", "sidecar", "--cpus", cpus), cwd=ROOT, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 2 and f"--cpus {cpus}" in proc.stderr
