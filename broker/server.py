@@ -248,7 +248,7 @@ class Broker:
     def progress(self, now: float) -> wire.Progress:
         m = self.metrics
         return wire.Progress(self.batch_id, m.total, m.finished, m.failed, self.dispatcher.leased,
-                             len(self.dispatcher.workers), now - m.started)
+                             len(self.dispatcher.workers), now - m.started, m.skipped)
 
     def open_results(self) -> None:
         if self.config.results_jsonl:

@@ -125,6 +125,7 @@ class Progress:
     in_flight: int
     workers: int
     elapsed_s: float
+    skipped: int = 0  # of ``completed``: outputs that already existed (--skip-existing)
 
 
 @dataclass(slots=True)

@@ -28,7 +28,8 @@ def size(n: float) -> str:
 def progress_line(p) -> str:
     """One live line from a wire.Progress."""
     pct = 100 * p.completed / p.total if p.total else 100.0
-    rate = p.completed / p.elapsed_s if p.elapsed_s > 0 else 0.0
+    # Skipped jobs took no time: counted in the rate they would make it a lie.
+    rate = (p.completed - p.skipped) / p.elapsed_s if p.elapsed_s > 0 else 0.0
     return (f"[{p.completed}/{p.total} {pct:5.1f}%] {p.failed} failed, {p.in_flight} in flight, "
             f"{p.workers} workers, {rate:.1f} img/s, {duration(p.elapsed_s)}")
 
@@ -41,10 +42,13 @@ def report(s: dict) -> str:
 
 
 def _time(s: dict) -> list[str]:
-    t = s["time"]
+    t, tasks = s["time"], s["tasks"]
     stages = "  ".join(f"{k} {duration(v)}" for k, v in t["stages_avg_s"].items())
+    nothing_to_do = []
+    if tasks["total"] and tasks["skipped"] == tasks["total"]:
+        nothing_to_do = [f"  Nothing to do:         all {tasks['total']} outputs already exist (--skip-existing)"]
     return [
-        "Time",
+        "Time", *nothing_to_do,
         f"  Total duration:        {duration(s['duration_s'])}   "
         f"(plus {duration(s['startup_s'])} waiting for workers)",
         f"  Per image:             avg {duration(t['avg_s'])}   p50 {duration(t['p50_s'])}   "

@@ -108,7 +108,7 @@ def _final_progress(msg: wire.Metrics) -> str:
     t = s["tasks"]
     done = t["completed"] + t["failed"] + t["skipped"]
     return progress_line(wire.Progress(msg.batch_id, t["total"], done, t["failed"], t["in_flight"],
-                                       s["workers"]["live"], s["duration_s"]))
+                                       s["workers"]["live"], s["duration_s"], t["skipped"]))
 
 
 def _print_report(snapshot: dict, config: ReporterConfig) -> None:

@@ -29,3 +29,16 @@ def test_report_has_every_section_and_the_failures():
     assert "/in/bad.jpg: not an image: the file contains HTML" in text
     assert "host-1" in text and "host-2" in text
     assert "webp:" in text
+
+
+def test_an_all_skipped_batch_says_there_was_nothing_to_do():
+    from broker import wire
+    from reporter.render import progress_line
+
+    m = BatchMetrics("abc", total=3)
+    m.skipped = 3
+    m.finish("done")
+    assert "Nothing to do:         all 3 outputs already exist" in report(m.snapshot())
+    # Skipped jobs count as finished but not in the rate: nothing was processed.
+    line = progress_line(wire.Progress("abc", 10, 7, 0, 0, 2, 2.0, skipped=5))
+    assert line.startswith("[7/10  70.0%]") and "1.0 img/s" in line
