@@ -57,6 +57,7 @@ class _Candidate:
     settings: Settings
     derived: bool
     work: int  # see work_estimate
+    origin: str = ""  # "batch file line N: " for a job a batch file named
 
 
 class BatchFileError(ValueError):
@@ -194,13 +195,13 @@ class Planner:
                 if real_out in outputs:
                     raise PathError(f"output {c.output} is already the output of job {outputs[real_out]}")
             except (PathError, ValueError, OSError) as exc:
-                plan.rejected.append(Rejected(c.job_id, c.input, c.output, str(exc)))
+                plan.rejected.append(Rejected(c.job_id, c.input, c.output, f"{c.origin}{exc}"))
                 continue
             outputs[real_out] = c.job_id
             job = Job(job_id=c.job_id, batch_id=self.batch_id, input=c.input, output=c.output,
                       settings=c.settings.to_dict(), max_pixels=self.max_pixels, max_bytes=self.max_bytes)
             if len(wire.encode(job)[1]) > MAX_JOB_MESSAGE:
-                plan.rejected.append(Rejected(c.job_id, c.input, c.output, "job is too large to send"))
+                plan.rejected.append(Rejected(c.job_id, c.input, c.output, f"{c.origin}job is too large to send"))
             elif self.skip_existing and os.path.isfile(c.output):
                 plan.skipped.append(job)
             else:
@@ -232,32 +233,34 @@ class Planner:
         try:
             settings = self.settings.merged(entry.get("settings") or {})
         except SettingsError as exc:
-            return self._reject(job_id, entry["input"], output or "", f"invalid setting: {exc}")
+            return self._reject(job_id, entry["input"], output or "", f"{where}: invalid setting: {exc}")
         if output is None:
             return self._add_derived(entry["input"], os.path.basename(entry["input"]),
-                                     read_head(entry["input"]), settings, job_id)
+                                     read_head(entry["input"]), settings, job_id, origin=f"{where}: ")
         if not os.path.isabs(output):
             output = os.path.join(self.output_root, output)
-        self._add(job_id, entry["input"], output, settings, read_head(entry["input"]), derived=False)
+        self._add(job_id, entry["input"], output, settings, read_head(entry["input"]), derived=False,
+                  origin=f"{where}: ")
 
     def _add_derived(self, input_path: str, rel: str, head: bytes | None, settings: Settings | None = None,
-                     job_id: str | None = None) -> None:
+                     job_id: str | None = None, origin: str = "") -> None:
         self._tick()
         output = self._unique_output(os.path.join(self.output_root, rel), os.path.splitext(rel)[1], head,
                                      settings or self.settings)
-        self._add(job_id or self._next_id(), input_path, output, settings or self.settings, head, derived=True)
+        self._add(job_id or self._next_id(), input_path, output, settings or self.settings, head, derived=True,
+                  origin=origin)
 
     def _add(self, job_id: str, input_path: str, output: str, settings: Settings, head: bytes | None,
-             derived: bool) -> None:
+             derived: bool, origin: str = "") -> None:
         problem = path_problem(input_path) or path_problem(output)
         if problem:
-            return self._reject(job_id, printable(input_path), printable(output), problem)
+            return self._reject(job_id, printable(input_path), printable(output), f"{origin}{problem}")
         real = image_format(head) if head else None
         if real:
             output = with_real_extension(output, output_format(settings.format, real))
         self._ids.add(job_id)
         self._candidates.append(_Candidate(job_id, input_path, output, settings, derived,
-                                           work_estimate(input_path, head)))
+                                           work_estimate(input_path, head), origin))
 
     def _unique_output(self, output: str, source_ext: str, head: bytes | None, settings: Settings) -> str:
         """Two inputs that would share an output (a.png, a.jpg -> a.webp) both keep theirs."""
