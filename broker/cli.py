@@ -12,6 +12,7 @@ import sys
 
 from broker import config as common
 from broker.config import BrokerConfig
+from broker.paths import is_within
 from broker.settings import FORMATS, QUALITY_FORMATS, Settings, SettingsError, parse_resize
 
 
@@ -105,6 +106,14 @@ def batch_config_from_args(args) -> dict:
         raise UsageError("--max-pixels, --max-attempts, --job-timeout and --max-image-mb must be positive")
     if args.output and os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"output folder is a file: {args.output}")
+    output_root = os.path.realpath(args.output or "out")
+    for path in args.inputs:
+        if os.path.isdir(path) and is_within(os.path.realpath(path), output_root):
+            # The walk leaves the output folder out (so outputs are never read
+            # back as inputs): here that would leave out every image.
+            where = "is" if os.path.realpath(path) == output_root else "is inside"
+            raise UsageError(f"input folder {path} {where} the output folder {args.output or 'out'}: "
+                             "its outputs would mix with its images; choose another -o")
     for flag, path in (("--report-json", args.report_json), ("--results-jsonl", args.results_jsonl)):
         if path:
             folder = os.path.dirname(os.path.abspath(path))

@@ -157,6 +157,19 @@ def test_output_that_is_a_file_is_bad_usage(tmp_path):
     assert proc.returncode == 2 and "output folder is a file" in proc.stderr
 
 
+def test_an_input_folder_that_is_or_lies_inside_the_output_folder_is_bad_usage(tmp_path):
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    make_photo(str(src / "sub" / "a.jpg"), 64, 48)
+    for output, says in ((src, "is the output folder"), (tmp_path, "is inside the output folder")):
+        proc = run_launch([src, "-o", output, "--log-dir", tmp_path / "logs"], timeout=30)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert sorted(p.name for p in src.rglob("*")) == ["a.jpg", "sub"]  # nothing written
+    # The other way round is fine: the output folder is left out of the walk.
+    proc = run_launch([src, "-o", src / "out", "--log-dir", tmp_path / "logs"], timeout=60)
+    assert proc.returncode == 0 and (src / "out" / "sub" / "a.jpg").is_file(), proc.stderr
+
+
 def test_batch_file_output_is_renamed_for_its_real_format(tmp_path):
     src = make_photo(str(tmp_path / "x.jpg"))
     jobs = tmp_path / "jobs.jsonl"
