@@ -146,14 +146,29 @@ class Planner:
     # -- sources -------------------------------------------------------
     def add_inputs(self, inputs: list[str]) -> None:
         exclude = os.path.realpath(self.output_root)
+        found: list[tuple[str, str, bytes | None]] = []  # (path, output relative to -o, head)
         for given in inputs:
             if os.path.isdir(given):
                 base = os.path.basename(os.path.normpath(os.path.abspath(given)))
                 prefix = base if len(inputs) > 1 else ""
                 for path, head in self._walk(given, exclude):
-                    self._add_derived(path, os.path.join(prefix, os.path.relpath(path, given)), head)
+                    found.append((path, os.path.join(prefix, os.path.relpath(path, given)), head))
             else:
-                self._add_derived(given, os.path.basename(given), read_head(given))
+                found.append((given, os.path.basename(given), read_head(given)))
+        # Each file once, however often it was named (a folder twice, a file and its folder).
+        seen: set[str] = set()
+        unique = []
+        for path, rel, head in found:
+            real = self._resolve(path)
+            if real not in seen:
+                seen.add(real)
+                unique.append((path, rel, head))
+        # A file whose name already fits its output claims that name first:
+        # a.webp stays a.webp and a.png becomes a-png.webp, whatever the walk's order.
+        unique.sort(key=lambda item: self._natural_output(item[1], item[2], self.settings)
+                    != os.path.join(self.output_root, item[1]))
+        for path, rel, head in unique:
+            self._add_derived(path, rel, head)
 
     def add_batch_file(self, path: str) -> None:
         try:
@@ -245,8 +260,7 @@ class Planner:
     def _add_derived(self, input_path: str, rel: str, head: bytes | None, settings: Settings | None = None,
                      job_id: str | None = None, origin: str = "") -> None:
         self._tick()
-        output = self._unique_output(os.path.join(self.output_root, rel), os.path.splitext(rel)[1], head,
-                                     settings or self.settings)
+        output = self._unique_output(rel, os.path.splitext(rel)[1], head, settings or self.settings)
         self._add(job_id or self._next_id(), input_path, output, settings or self.settings, head, derived=True,
                   origin=origin)
 
@@ -258,15 +272,24 @@ class Planner:
         real = image_format(head) if head else None
         if real:
             output = with_real_extension(output, output_format(settings.format, real))
+        if not os.path.isabs(input_path):
+            # Jobs travel to workers started elsewhere: a path relative to the
+            # broker's folder would mean nothing there. (Joined, not normalised:
+            # "link/.." is not the folder that holds the link.)
+            input_path = os.path.join(os.getcwd(), input_path)
         self._ids.add(job_id)
         self._candidates.append(_Candidate(job_id, input_path, output, settings, derived,
                                            work_estimate(input_path, head), origin))
 
-    def _unique_output(self, output: str, source_ext: str, head: bytes | None, settings: Settings) -> str:
-        """Two inputs that would share an output (a.png, a.jpg -> a.webp) both keep theirs."""
+    def _natural_output(self, rel: str, head: bytes | None, settings: Settings) -> str:
+        """Where an input's output goes before any clash with another's."""
+        output = os.path.join(self.output_root, rel)
         real = image_format(head) if head else None
-        if real:
-            output = with_real_extension(output, output_format(settings.format, real))
+        return with_real_extension(output, output_format(settings.format, real)) if real else output
+
+    def _unique_output(self, rel: str, source_ext: str, head: bytes | None, settings: Settings) -> str:
+        """Two inputs that would share an output (a.png, a.jpg -> a.webp) both keep theirs."""
+        output = self._natural_output(rel, head, settings)
         candidate, n = output, 2
         stem, ext = os.path.splitext(output)
         while candidate in self._derived_outputs:

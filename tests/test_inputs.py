@@ -54,12 +54,31 @@ def test_colliding_outputs_get_distinct_names(photo, tmp_path):
 
 
 def test_several_inputs_keep_their_folder_names(photo, tmp_path):
-    a = photo("x/one.jpg")
+    photo("x/one.jpg")
     photo("y/one.jpg")
+    single = photo("one.jpg")
     p = planner(tmp_path / "out")
-    p.add_inputs([str(tmp_path / "in" / "x"), str(tmp_path / "in" / "y"), a])
+    p.add_inputs([str(tmp_path / "in" / "x"), str(tmp_path / "in" / "y"), single])
     outs = sorted(os.path.relpath(j.output, tmp_path / "out") for j in p.plan().jobs)
     assert outs == ["one.jpg", "x/one.jpg", "y/one.jpg"]
+
+
+def test_a_file_named_twice_is_one_job(photo, tmp_path):
+    inside = photo("x/one.jpg")
+    photo("x/two.jpg")
+    os.symlink(inside, tmp_path / "link.jpg")
+    p = planner(tmp_path / "out")
+    p.add_inputs([str(tmp_path / "in" / "x"), str(tmp_path / "in" / "x"), inside, str(tmp_path / "link.jpg")])
+    assert sorted(os.path.basename(j.input) for j in p.plan().jobs) == ["one.jpg", "two.jpg"]
+
+
+def test_a_file_whose_name_fits_its_output_keeps_it_whatever_the_order(photo, tmp_path):
+    photo("a.png")   # walked first: it used to take a.webp from a.webp itself
+    photo("a.webp")
+    p = planner(tmp_path / "out", settings=Settings(format="webp"))
+    p.add_inputs([str(tmp_path / "in")])
+    by_input = {os.path.basename(j.input): os.path.basename(j.output) for j in p.plan().jobs}
+    assert by_input == {"a.webp": "a.webp", "a.png": "a-png.webp"}
 
 
 def test_batch_file_lines(photo, tmp_path):
