@@ -163,6 +163,10 @@ def _accepted_types(hint) -> frozenset[type]:
 # What a type check alone cannot say about a value.
 NON_NEGATIVE = "a number, never negative"
 NON_NEGATIVE_NUMBERS = "a dict of non-negative numbers"
+# No count, size or duration in the protocol comes near this (a terabyte, or
+# 35 000 years in seconds), and sums of millions of them still fit the 64-bit
+# integers JSON writers take. It also rules out inf and nan.
+MAX_NUMBER = 2 ** 40
 
 
 def _value_check(hint) -> str | None:
@@ -174,8 +178,8 @@ def _value_check(hint) -> str | None:
 
 def _check_numbers(kind: str, name: str, value: dict) -> None:
     for key, item in value.items():
-        if type(item) not in (int, float) or item < 0:
-            raise WireError(f"{kind}: {name}[{key[:32]!r}] must be a non-negative number")
+        if type(item) not in (int, float) or not 0 <= item <= MAX_NUMBER:
+            raise WireError(f"{kind}: {name}[{key[:32]!r}] must be a number from 0 to {MAX_NUMBER}")
 
 
 _REQUIRED = object()  # the "default" of a field every message must carry
@@ -260,7 +264,7 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
     if type(body) is not dict:
         raise WireError(f"{schema.kind}: body is not an object")
     version = body.pop("v", None)
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:
         raise WireError(f"{schema.kind}: protocol version {version!r}, expected {VERSION}")
     if not schema.required <= body.keys():
         missing = sorted(schema.required - body.keys())
@@ -278,8 +282,9 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
             raise WireError(f"{schema.kind}: field {name!r} has type {type(value).__name__}")
         if check is not None and value is not None:
             if check is NON_NEGATIVE:
-                if value < 0:
-                    raise WireError(f"{schema.kind}: field {name!r} is negative")
+                if not 0 <= value <= MAX_NUMBER:  # also false for nan
+                    raise WireError(f"{schema.kind}: field {name!r} is "
+                                    f"{'negative' if value < 0 else 'out of range'}")
             else:
                 _check_numbers(schema.kind, name, value)
         values[name] = value

@@ -45,6 +45,8 @@ def test_optional_fields_take_defaults():
     ([b"ready", b"not json"], "not JSON"),
     ([b"ready", b"[1, 2]"], "not an object"),
     ([b"ready", orjson.dumps({"v": 2, "worker_id": "w", "host": "h", "pid": 1, "credit": 1})], "version"),
+    ([b"ready", orjson.dumps({"v": True, "worker_id": "w", "host": "h", "pid": 1, "credit": 1})], "version"),
+    ([b"ready", orjson.dumps({"v": 1.0, "worker_id": "w", "host": "h", "pid": 1, "credit": 1})], "version"),
     ([b"ready", orjson.dumps({"v": 1, "worker_id": "w", "host": "h", "pid": 1})], "missing field 'credit'"),
     ([b"ready", orjson.dumps({"v": 1, "worker_id": 5, "host": "h", "pid": 1, "credit": 1})], "'worker_id'"),
     ([b"ready", orjson.dumps({"v": 1, "worker_id": "w", "host": "h", "pid": 1, "credit": True})], "'credit'"),
@@ -84,6 +86,9 @@ def test_payload_travels_as_a_raw_third_frame():
     ({"timings": {"decode": True}}, "timings"),
     ({"out_bytes": -5}, "negative"),
     ({"elapsed_s": -0.1}, "negative"),
+    ({"out_bytes": 2 ** 64 - 1}, "out of range"),   # would overflow the report's sums
+    ({"elapsed_s": 1e308}, "out of range"),         # would sum to inf, written as null
+    ({"timings": {"decode": 1e300}}, "timings"),
 ])
 def test_well_formed_but_wrong_values_are_refused(body, fragment):
     base = {"v": 1, "job_id": "j", "batch_id": "b", "worker_id": "w", "ok": True}
@@ -145,3 +150,43 @@ def test_log_file_lines_are_flat_json_with_context_and_tracebacks(tmp_path):
     assert first["component"] == "tester" and first["worker_id"] == "w1" and first["job_id"] == "j7"
     assert first["level"] == "DEBUG" and first["message"] == "did it" and first["time"]
     assert second["job_id"] == "/odd/value" and "ZeroDivisionError" in second["exception"]
+
+
+def test_log_file_survives_a_full_disk_odd_text_and_a_bad_folder(tmp_path, monkeypatch, capfd):
+    from loguru import logger
+
+    from broker import config
+    from broker.config import setup_logging
+
+    setup_logging("tester", str(tmp_path))
+    real_write, calls = config.os.write, []
+
+    def disk_full_once(fd, data):  # the first write gets half its bytes on disk, then ENOSPC
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, data[: len(data) // 2])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    try:
+        monkeypatch.setattr(config.os, "write", disk_full_once)
+        logger.info("cut short {}", "x" * 200)
+        logger.info("name {}", "/in/bad\udcff.jpg")   # a file name that is not UTF-8
+        logger.info("lone {}", "\ud800")
+    finally:
+        monkeypatch.undo()
+        logger.remove()
+    (name,) = [p.name for p in tmp_path.iterdir()]
+    lines = (tmp_path / name).read_bytes().split(b"\n")
+    assert lines[-1] == b"" and lines[0].startswith(b'{"time"') and not lines[0].endswith(b"}")
+    assert [orjson.loads(line)["message"] for line in lines[1:-1]] == ["name /in/bad\\xff.jpg", "lone \\ud800"]
+    # A log folder that cannot be made: a warning on stderr, and the process goes on.
+    (tmp_path / "file").write_text("x")
+    setup_logging("tester", str(tmp_path / "file" / "logs"))
+    try:
+        logger.info("still here")
+    finally:
+        logger.remove()
+    err = capfd.readouterr().err
+    assert "no log file" in err and "still here" in err
