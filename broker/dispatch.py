@@ -29,6 +29,7 @@ class JobState:
     worker: str | None = None
     strikes: int = 0
     leased_at: float = 0.0
+    sent_to: tuple[str, ...] = ()  # every worker this job was ever sent to
 
 
 @dataclass
@@ -149,6 +150,7 @@ class Dispatcher:
             if state.status != QUEUED:
                 continue  # finished meanwhile by a late completion
             state.status, state.worker, state.leased_at = LEASED, worker.id, now
+            state.sent_to += (worker.id,)
             worker.held.add(state.job.job_id)
             self.leased += 1
             return worker.id, state.job
@@ -182,14 +184,21 @@ class Dispatcher:
             worker.held.discard(job_id)
         if state.status == LEASED and state.worker == worker_id:
             state.status, state.worker = QUEUED, None
+            state.sent_to = state.sent_to[:-1]
             self.leased -= 1
             self.queue.appendleft(job_id)
 
     def complete(self, job_id: str, worker_id: str, ok: bool) -> str:
-        """Record a completion: 'new', 'duplicate' or 'unknown'."""
+        """Record a completion: 'new', 'duplicate', 'unknown' or 'unsent'.
+
+        Only a worker the job was sent to can complete it ('unsent' otherwise);
+        a late completion from a worker written off still counts: it did the work.
+        """
         state = self.jobs.get(job_id)
         if state is None:
             return "unknown"
+        if worker_id not in state.sent_to:
+            return "unsent"
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.held.discard(job_id)

@@ -117,6 +117,9 @@ class Broker:
         if outcome == "unknown":
             logger.warning("completion for unknown job {} from {}; dropped", msg.job_id, msg.worker_id)
             return
+        if outcome == "unsent":
+            logger.warning("completion of {} from {}, which was never sent it; dropped", msg.job_id, msg.worker_id)
+            return
         self.dispatcher.seen(msg.worker_id, now)
         if msg.peak_rss_mb:
             stats = self.metrics.worker(msg.worker_id, now)

@@ -167,3 +167,21 @@ def test_silent_and_overdue_workers():
     assert d.jobs["j0"].status == QUEUED
     drain(d)
     assert LEASED in {s.status for s in d.jobs.values()}
+
+
+def test_only_a_worker_the_job_was_sent_to_can_complete_it():
+    d = Dispatcher(jobs(3))
+    d.register("a", 1, 0.0)
+    (_, first), = drain(d)
+    assert d.complete("j1", "a", True) == "unsent"      # still queued: never sent to anyone
+    assert d.complete(first.job_id, "ghost", True) == "unsent"
+    assert d.jobs[first.job_id].status == LEASED and d.finished == 0
+    # A worker written off whose late completion arrives did the work: it counts.
+    d.lose("a", "silent")
+    assert d.jobs[first.job_id].status == QUEUED
+    assert d.complete(first.job_id, "a", True) == "new" and d.jobs[first.job_id].status == DONE
+    # A send that failed never reached the worker.
+    d.register("b", 1, 0.0)
+    worker, job = d.next_assignment()
+    d.unsend(worker, job.job_id)
+    assert d.complete(job.job_id, "b", True) == "unsent"
