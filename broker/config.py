@@ -85,9 +85,15 @@ def setup_logging(component: str, log_dir: str | None, level: str = "INFO", **co
     if sys.stderr is not None:  # started with stderr closed: the log file still gets everything
         logger.add(sys.stderr, level=level, format=STDERR_FORMAT, diagnose=False, backtrace=False)
     if log_dir:
-        os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, f"{component}-{os.getpid()}.jsonl")
-        logger.add(JsonLinesLog(path).write, level="DEBUG", format="{message}", diagnose=False)
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            sink = JsonLinesLog(path)
+        except OSError as exc:
+            # A log folder gone bad mid-batch must not stop a replacement worker.
+            logger.warning("no log file: cannot write {}: {}", path, exc.strerror or exc)
+        else:
+            logger.add(sink.write, level="DEBUG", format="{message}", diagnose=False)
 
 
 class JsonLinesLog:
@@ -100,6 +106,7 @@ class JsonLinesLog:
 
     def __init__(self, path: str):
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self.cut = False  # the last line was cut short (disk full): end it before the next
 
     def write(self, message) -> None:
         from broker import wire
@@ -114,13 +121,27 @@ class JsonLinesLog:
             entry["exception"] = "".join(traceback.format_exception(kind, value, trace))
         try:
             line = wire.dumps(entry)
-        except TypeError:  # a context value JSON cannot hold: write it as text
-            line = wire.dumps({key: value if isinstance(value, (str, int, float, bool)) else str(value)
-                               for key, value in entry.items()})
+        except TypeError:  # a value JSON cannot hold (an object, text that is not UTF-8): as text
+            line = wire.dumps({key: _as_text(value) for key, value in entry.items()})
+        self._write((b"\n" if self.cut else b"") + line + b"\n")
+
+    def _write(self, data: bytes) -> None:
         try:
-            os.write(self.fd, line + b"\n")
+            while data:
+                data = data[os.write(self.fd, data):]
+            self.cut = False
         except OSError:
-            pass  # a full disk must not stop the batch; stderr still has the warnings
+            # A full disk must not stop the batch (stderr still has the
+            # warnings); a line cut short is ended before the next one.
+            self.cut = True
+
+
+def _as_text(value):
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    from broker.paths import printable
+
+    return printable(value if isinstance(value, str) else str(value))
 
 
 def exit_now(code: int):

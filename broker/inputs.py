@@ -19,7 +19,7 @@ import stat
 from dataclasses import dataclass
 
 from broker import wire
-from broker.paths import TEMP_SUFFIX, FolderCache, PathError, check_output_path, is_within
+from broker.paths import TEMP_SUFFIX, FolderCache, PathError, check_output_path, is_within, printable
 from broker.settings import Settings, SettingsError, output_format, with_real_extension
 from broker.sniff import HEAD_BYTES, IMAGE_EXTENSIONS, image_format, pixel_count
 from broker.wire import Job
@@ -66,11 +66,6 @@ class BatchFileError(ValueError):
 
 class PlanningInterrupted(Exception):
     """A stop signal arrived while the batch was being planned."""
-
-
-def printable(path: str) -> str:
-    """A path as text that always encodes: undecodable bytes shown as \\xNN."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def path_problem(path: str) -> str | None:

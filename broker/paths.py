@@ -46,6 +46,15 @@ class FolderCache:
         return os.path.join(real, name)
 
 
+def printable(text: str) -> str:
+    """Text that always encodes as UTF-8: bytes of a file name that are not
+    UTF-8 shown as \\xNN (and any other lone surrogate escaped too)."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def read_input(path: str, max_bytes: int = 0) -> bytes:
     """The whole input file, or PathError with a message fit for a person.
 
