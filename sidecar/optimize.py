@@ -169,7 +169,14 @@ def optimize_bytes(data, settings: Settings, *, max_pixels: int = DEFAULT_MAX_PI
         _check_damage()  # only the small resized copy is left
     clock = _lap(timings, "resize", clock)
 
-    encoded = encode(image, out_format, settings)
+    try:
+        encoded = encode(image, out_format, settings)
+    except ImageError:
+        if streamed and not resized_apart:
+            # The decoder ran inside the encoder: its own complaint says more.
+            del image
+            _check_damage()
+        raise
     width, height = image.width, _page_height(image)
     del image
     if streamed and not resized_apart:
@@ -366,7 +373,10 @@ def encode(image, fmt: str, settings: Settings) -> bytes:
         if fmt == "gif":
             return image.gifsave_buffer(keep="none")
     except pyvips.Error as exc:
-        raise ImageError(f"cannot encode {fmt}: {_vips_message(exc)}") from None
+        message = _vips_message(exc)
+        if message.startswith("corrupt"):
+            raise ImageError(message) from None  # the input failed to decode on the way in
+        raise ImageError(f"cannot encode {fmt}: {message}") from None
     raise ImageError(f"unsupported output format {fmt!r}")
 
 
@@ -409,8 +419,8 @@ def _vips_message(exc: pyvips.Error) -> str:
     # libvips prefixes the useful line with a generic one ("unable to copy to memory").
     useful = [line for line in lines if not line.startswith(("unable to", "VipsOperation"))] or lines
     text = "; ".join(dict.fromkeys(useful))
-    if any(word in text.lower() for word in ("premature", "truncat", "read error", "corrupt", "invalid",
-                                             "warning", "bad ", "extraneous")):
+    if any(word in text.lower() for word in ("premature", "truncat", "read error", "load error", "corrupt",
+                                             "invalid", "warning", "bad ", "extraneous")):
         return f"corrupt or truncated image: {text}"
     if "not a known" in text or "is not in a known format" in text:
         return "not a supported image format"

@@ -283,7 +283,8 @@ def test_images_that_stream_still_fail_on_damage(photo, tmp_path, damage, size, 
         data[len(data) // 3: len(data) // 3 + len(data) // 6] = b"\xaa" * (len(data) // 6)
     open(src, "wb").write(bytes(data))
     settings = Settings(resize_mode=resize, resize_size=400 if resize != "none" else 0)
-    with pytest.raises(ImageError, match="corrupt"):
+    # The same words whichever way it was decoded: never blamed on the encoder.
+    with pytest.raises(ImageError, match="^corrupt or truncated image"):
         optimize(str(src), str(tmp_path / "out" / "big.jpg"), settings, staged=staged)
     assert not (tmp_path / "out" / "big.jpg").exists()
 
