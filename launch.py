@@ -237,7 +237,7 @@ def _wait_or_stop(proc: subprocess.Popen, timeout: float, patient: bool = True) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # inputs may follow options
     if not args.inputs and not args.jobs:
         args.inputs = [SAMPLES]
     try:

@@ -190,7 +190,8 @@ def input_argv(args) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m broker",
-                      description="imgbus broker: ventilator + sink for one batch of images")
+                      description="imgbus broker: ventilator + sink for one batch of images",
+                      epilog="python -m broker keys DIR [--client NAME ...] makes CURVE key pairs")
     add_batch_arguments(p)
     add_broker_arguments(p)
     return p
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["keys"]:
         return keys_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # inputs may follow options
     try:
         config = config_from_args(args)
     except UsageError as exc:

@@ -184,14 +184,17 @@ def plan_cpu_sets(workers: int, threads: int, cpus: list[int]) -> list[list[int]
     return [cpus[i * threads:(i + 1) * threads] for i in range(workers)]
 
 
+MAX_CPU = 4095  # the kernel's default limit is lower still
+
+
 def parse_cpus(text: str) -> list[int]:
-    """``0,2-3`` -> [0, 2, 3]; ValueError when malformed."""
+    """``0,2-3`` -> [0, 2, 3]; ValueError when malformed or out of range."""
     cpus: set[int] = set()
     for part in text.split(","):
         first, dash, last = part.strip().partition("-")
         low, high = int(first), int(last) if dash else int(first)
-        if low < 0 or high < low:
-            raise ValueError(f"bad CPU range {part!r}")
+        if not 0 <= low <= high <= MAX_CPU:
+            raise ValueError(f"bad CPU range {part!r} (CPUs are numbered 0 to {MAX_CPU})")
         cpus.update(range(low, high + 1))
     return sorted(cpus)
 

@@ -88,9 +88,10 @@ class Broker:
         if msg.idle_s > 0:
             logger.debug("worker {} idle for {:.1f} s", msg.worker_id, msg.idle_s)
             lost = self.dispatcher.reclaim(msg.worker_id, now - msg.idle_s,
-                                           f"lost on the way to worker {msg.worker_id} (its connection dropped?)")
+                                           f"lost between the broker and worker {msg.worker_id} "
+                                           "(its connection dropped?)")
             if lost is not None:
-                self._record_lost(lost, "is idle, but job(s) sent to it never arrived")
+                self._record_lost(lost, "is idle, but job(s) sent to it never came back")
         stats = self.metrics.worker(msg.worker_id, now)
         stats.state = "live"
         self.first_ready = self.first_ready or now

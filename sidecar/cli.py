@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.credit < 1 or args.vips_threads < 1 or args.job_timeout <= 0:
         parser.error("--credit, --vips-threads and --job-timeout must be positive")
     stop = common.StopFlag(args.parent_pid).install()  # first: a signal may come any moment
-    if args.cpus:
+    if args.cpus is not None:
         # Before any thread exists (libvips', libzmq's, the heartbeat): threads
         # take their CPUs from the thread that starts them.
         try:

@@ -123,6 +123,10 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, a
             settings = Settings.from_dict(job.settings)
             if payload is not None:
                 encoded, outcome = optimize_bytes(payload, settings, max_pixels=job.max_pixels, staged=staged)
+                if job.max_bytes and len(encoded) > image_message_limit(job.max_bytes):
+                    # Sent anyway, the broker's socket would drop it unseen (and cut us off).
+                    raise ImageError(f"output of {len(encoded) / 1e6:.1f} MB is larger than the broker accepts "
+                                     f"(its --max-image-mb is {job.max_bytes / 1e6:g})")
             else:
                 encoded = None
                 outcome = optimize(job.input, job.output, settings, max_pixels=job.max_pixels,

@@ -220,7 +220,7 @@ def test_cpu_sets_split_the_cpus_only_when_every_worker_fits():
     from broker.config import parse_cpus, plan_cpu_sets
 
     assert parse_cpus("0") == [0] and parse_cpus("3,0-1") == [0, 1, 3]
-    for bad in ("", "a", "2-1", "-1"):
+    for bad in ("", "a", "2-1", "-1", "0-99999999", "4294967296"):
         with pytest.raises(ValueError):
             parse_cpus(bad)
     assert plan_cpu_sets(2, 1, [0, 1]) == [[0], [1]]
@@ -261,8 +261,34 @@ def test_workers_under_the_launcher_get_cpus_of_their_own(tmp_path):
     assert worker_cpus("--workers", len(cpus) + 1, "--vips-threads", 1, "--skip-existing") == [cpus] * (len(cpus) + 1)
 
 
-@pytest.mark.parametrize("cpus", ["nope", "99999"])
+@pytest.mark.parametrize("cpus", ["nope", "99999", "", "4000"])
 def test_a_standalone_sidecar_refuses_cpus_it_cannot_have(cpus):
     proc = subprocess.run(python_cmd("-m", "sidecar", "--cpus", cpus), cwd=ROOT, capture_output=True, text=True,
                           timeout=30, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 2 and f"--cpus {cpus}" in proc.stderr
+
+
+def test_bytes_transport_output_too_large_for_the_broker_fails_clearly(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    noise = pyvips.Image.gaussnoise(1800, 1400, sigma=60)
+    noise.bandjoin([noise, noise]).cast("uchar").jpegsave(str(src / "noise.jpg"), Q=25)
+    assert os.path.getsize(src / "noise.jpg") < 1_000_000   # under --max-image-mb 1 going in...
+    make_photo(str(src / "small.jpg"), 200, 150)
+    proc = run_launch([src, "-o", tmp_path / "out", "--transport", "bytes", "--max-image-mb", 1, "--format", "tiff",
+                       "--results-jsonl", tmp_path / "r.jsonl", "--log-dir", tmp_path / "logs"])
+    assert proc.returncode == 1, proc.stderr
+    lines = {os.path.basename(l["input"]): l for l in read_jsonl(tmp_path / "r.jsonl")}
+    # ...but its TIFF is over what the broker's socket takes back: one clear failure, no retries.
+    assert "larger than the broker accepts" in lines["noise.jpg"]["error"]
+    assert lines["noise.jpg"]["attempt"] == 1 and lines["small.jpg"]["ok"]
+
+
+def test_inputs_may_follow_options(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        make_photo(str(tmp_path / name / f"{name}.jpg"), 120, 90)
+    proc = run_launch([tmp_path / "a", "-o", tmp_path / "out", tmp_path / "b", "--log-dir", tmp_path / "logs"])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.jpg")) == \
+        ["a/a.jpg", "b/b.jpg"]
