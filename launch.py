@@ -25,6 +25,7 @@ sys.path.insert(0, HERE)
 from broker import config as common  # noqa: E402
 from broker.cli import (  # noqa: E402
     OneLineParser, UsageError, add_batch_arguments, batch_argv, batch_config_from_args, input_argv,
+    parse_inputs_anywhere,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -237,7 +238,7 @@ def _wait_or_stop(proc: subprocess.Popen, timeout: float, patient: bool = True) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)  # inputs may follow options
+    args = parse_inputs_anywhere(parser, argv)
     if not args.inputs and not args.jobs:
         args.inputs = [SAMPLES]
     try:

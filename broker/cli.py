@@ -188,6 +188,18 @@ def input_argv(args) -> list[str]:
     return ["--", *args.inputs] if args.inputs else []
 
 
+def parse_inputs_anywhere(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Options and INPUTs in any order (``a -o out b``); ``--`` still ends the
+    options, which argparse's own intermixed parsing gets wrong."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv:
+        return parser.parse_intermixed_args(argv)
+    cut = argv.index("--")
+    args = parser.parse_intermixed_args(argv[:cut])
+    args.inputs = [*args.inputs, *argv[cut + 1:]]
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m broker",
                       description="imgbus broker: ventilator + sink for one batch of images",
@@ -224,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["keys"]:
         return keys_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)  # inputs may follow options
+    args = parse_inputs_anywhere(parser, argv)
     try:
         config = config_from_args(args)
     except UsageError as exc:

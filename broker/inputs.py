@@ -15,6 +15,7 @@ input or on another job's output.
 from __future__ import annotations
 
 import os
+import random
 import stat
 from dataclasses import dataclass
 
@@ -114,6 +115,27 @@ def work_estimate(path: str, head: bytes | None) -> int:
         return os.stat(path).st_size * 4
     except (OSError, ValueError):
         return 0
+
+
+# Timing each stage means holding the image in memory between stages (three
+# libvips pipelines instead of one): a sample of the batch is timed, the rest
+# streams. At least this many, or every job of a smaller batch...
+TIMED_AT_LEAST = 8
+# ...else about one job in this many.
+TIMED_ONE_IN = 8
+
+
+def choose_timed(jobs: list[Job], batch_id: str) -> None:
+    """Mark a random sample of the jobs to be timed stage by stage.
+
+    Drawn by the broker over the whole batch, so the sample stands for all of
+    it; a worker timing its own first image would always time the largest
+    (jobs go out biggest first). Seeded by the batch id: the same batch, the
+    same sample.
+    """
+    count = min(len(jobs), max(TIMED_AT_LEAST, -(-len(jobs) // TIMED_ONE_IN)))
+    for index in random.Random(batch_id).sample(range(len(jobs)), count):
+        jobs[index].timed = True
 
 
 class Planner:
@@ -218,6 +240,7 @@ class Planner:
                 plan.jobs.append(job)
                 work[job.job_id] = c.work
         plan.jobs.sort(key=lambda job: work[job.job_id], reverse=True)
+        choose_timed(plan.jobs, self.batch_id)
         plan.real_inputs = frozenset(inputs)
         return plan
 

@@ -65,6 +65,7 @@ class Job:
     attempt: int = 1
     max_pixels: int = 0
     max_bytes: int = 0
+    timed: bool = False  # time each stage of this one (see broker.inputs.choose_timed)
 
 
 @dataclass(slots=True)

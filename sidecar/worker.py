@@ -44,9 +44,6 @@ BYE_LINGER_MS = 50
 # cost 5-8% on the wallpapers: each next image faulted its memory back in.
 TRIM_AFTER_BYTES = 1_000_000
 TRIM_ABOVE_MB = 200
-# Stages are timed one by one on every Nth image (the first included); the
-# others stream through one libvips pipeline, which is faster (see optimize_bytes).
-TIME_STAGES_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -279,7 +276,7 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
             done, encoded = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none"), None
         else:
             done, encoded = process(job, config, payload, abandon=lambda: stop.count > 1,
-                                    staged=handled % TIME_STAGES_EVERY == 0)
+                                    staged=job.timed)
         busy.job = None
         peak = peak_mb()
         if peak > reported_peak:

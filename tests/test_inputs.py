@@ -298,3 +298,21 @@ def test_the_brokers_own_files_never_replace_an_input(photo, tmp_path):
     with pytest.raises(SecurityError, match="--results-jsonl"):
         check_own_files(replace(config, results_jsonl=src), plan)
     check_own_files(replace(config, report_json=str(tmp_path / "r.json")), plan)  # not an input: fine
+
+
+def test_a_sample_of_the_batch_is_timed_drawn_over_all_of_it():
+    from broker.inputs import choose_timed
+    from broker.wire import Job
+
+    def batch(n, batch_id="b"):
+        jobs = [Job(f"j{i}", batch_id, f"/in/{i}.jpg", f"/out/{i}.jpg", {}) for i in range(n)]
+        choose_timed(jobs, batch_id)
+        return [i for i, job in enumerate(jobs) if job.timed]
+
+    assert batch(5) == [0, 1, 2, 3, 4]          # a small batch: every job
+    assert len(batch(20)) == 8                   # at least eight...
+    big = batch(1000)
+    assert len(big) == 125                       # ...else one in eight
+    assert batch(1000) == big and batch(1000, "other") != big   # the same batch, the same sample
+    # Not the first jobs (the largest: jobs go out biggest first) but all through the batch.
+    assert 350 < sum(big) / len(big) < 650 and max(big) > 900

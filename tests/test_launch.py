@@ -284,6 +284,19 @@ def test_bytes_transport_output_too_large_for_the_broker_fails_clearly(tmp_path)
     assert lines["noise.jpg"]["attempt"] == 1 and lines["small.jpg"]["ok"]
 
 
+def test_stage_timings_come_from_a_sample_drawn_by_the_broker(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(12):
+        make_photo(str(src / f"p{i:02d}.jpg"), 300 + 10 * i, 200)
+    proc = run_launch([src, "-o", tmp_path / "out", "--resize", "longest:100", "--results-jsonl",
+                       tmp_path / "r.jsonl", "--log-dir", tmp_path / "logs"])
+    assert proc.returncode == 0, proc.stderr
+    timed = [l for l in read_jsonl(tmp_path / "r.jsonl") if l["timings"]]
+    assert len(timed) == 8 and "(8 images timed)" in proc.stdout
+    assert all(set(l["timings"]) == {"decode", "resize", "encode", "write"} for l in timed)
+
+
 def test_inputs_may_follow_options(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
