@@ -28,8 +28,8 @@ def size(n: float) -> str:
 def progress_line(p) -> str:
     """One live line from a wire.Progress."""
     pct = 100 * p.completed / p.total if p.total else 100.0
-    # Skipped jobs took no time: counted in the rate they would make it a lie.
-    rate = (p.completed - p.skipped) / p.elapsed_s if p.elapsed_s > 0 else 0.0
+    # Images done per second, as in the report: skipped jobs took no time, failed ones made nothing.
+    rate = (p.completed - p.skipped - p.failed) / p.elapsed_s if p.elapsed_s > 0 else 0.0
     return (f"[{p.completed}/{p.total} {pct:5.1f}%] {p.failed} failed, {p.in_flight} in flight, "
             f"{p.workers} workers, {rate:.1f} img/s, {duration(p.elapsed_s)}")
 

@@ -23,6 +23,8 @@ from broker.security import ClientKeys, secure_client
 from reporter.render import progress_line, report
 
 NON_TTY_PROGRESS_EVERY_S = 5.0
+# A reporter started on its own says so when no broker has spoken for this long.
+WAIT_NOTE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,17 @@ def run(config: ReporterConfig, stop: StopFlag) -> int:
         sub.connect(config.endpoint)
         logger.info("subscribed to {}", config.endpoint)
         poller = stop.poller(sub)
+        heard_from_broker = False
+        started = time.monotonic()
         while not stop and not stop.parent_gone():
             if sub not in dict(poller.poll(200)):
                 stop.drain()
+                if not heard_from_broker and stop.parent_pid is None and time.monotonic() - started > WAIT_NOTE_S:
+                    # On its own, a reporter pointed at the wrong place would say nothing at all.
+                    logger.warning("nothing from a broker at {} yet; still waiting", config.endpoint)
+                    heard_from_broker = True  # said once is enough
                 continue
+            heard_from_broker = True
             try:
                 msg = wire.decode(sub.recv_multipart(), (wire.Progress, wire.Metrics))
             except wire.WireError as exc:

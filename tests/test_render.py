@@ -42,3 +42,5 @@ def test_an_all_skipped_batch_says_there_was_nothing_to_do():
     # Skipped jobs count as finished but not in the rate: nothing was processed.
     line = progress_line(wire.Progress("abc", 10, 7, 0, 0, 2, 2.0, skipped=5))
     assert line.startswith("[7/10  70.0%]") and "1.0 img/s" in line
+    # Nor failures, as in the report's images/s: 4 finished in 2 s, one failed, one skipped.
+    assert "1.0 img/s" in progress_line(wire.Progress("abc", 10, 4, 1, 0, 2, 2.0, skipped=1))

@@ -237,3 +237,30 @@ def test_a_job_too_large_for_its_worker_fails_alone(tmp_path):
         assert os.listdir(tmp_path / "out") == ["small.jpg"]
     finally:
         stop(*procs)
+
+
+def test_a_reporter_with_no_broker_says_it_is_waiting(tmp_path):
+    import subprocess
+
+    ep = tcp_endpoints()
+    reporter = start("reporter", "--connect", ep["metrics"], "--log-dir", tmp_path / "logs",
+                     stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(6.5)
+    finally:
+        stop(reporter)
+    assert f"nothing from a broker at {ep['metrics']} yet" in reporter.stderr.read()
+
+
+def test_a_standalone_sidecar_started_elsewhere_finds_relative_inputs(tmp_path):
+    """The broker sends inputs as absolute paths: a relative one meant its own folder."""
+    ep = tcp_endpoints()
+    folder_of_photos(tmp_path / "in" / "photos", 2)
+    broker = start(*broker_cmd(ep, "photos", tmp_path / "out", tmp_path, "--linger", 0), cwd=tmp_path / "in")
+    worker = start("sidecar", "--connect", ep["jobs"], "--results", ep["results"], "--log-dir", tmp_path / "logs",
+                   cwd=tmp_path)   # not the broker's folder; its root (the folder it starts in) holds both
+    try:
+        assert broker.wait(60) == 0
+        assert json.loads((tmp_path / "r.json").read_text())["tasks"]["completed"] == 2
+    finally:
+        stop(broker, worker)
