@@ -172,8 +172,7 @@ class Launcher:
         if code not in (0, 1, 2, 130):
             from loguru import logger
 
-            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-            logger.error("the broker died ({}) before the batch was over; see its log in {}", how,
+            logger.error("the broker died ({}) before the batch was over; see its log in {}", how_it_ended(code),
                          self.args.log_dir)
         if stop.count:
             return EXIT_INTERRUPTED
@@ -189,6 +188,8 @@ class Launcher:
             crashed = code > 0 or code in CRASH_SIGNALS
             from loguru import logger
 
+            if code != 0 and not released and self.broker.poll() is None:
+                self.tell_broker_worker_gone(worker.pid, code)
             if crashed and self.respawns_left > 0 and self.broker.poll() is None:
                 self.respawns_left -= 1
                 logger.warning("worker pid {} exited with {}; starting a new one", worker.pid, code)
@@ -197,6 +198,22 @@ class Launcher:
                 logger.info("worker pid {} stopped", worker.pid)  # we asked it to
             else:
                 logger.warning("worker pid {} exited with {}", worker.pid, code)
+
+    def tell_broker_worker_gone(self, pid: int, code: int) -> None:
+        """Say goodbye in a dead worker's name: the broker would otherwise see
+        it gone only when its heartbeats stop (5 s), its jobs waiting till then."""
+        import zmq
+
+        from broker import wire
+
+        with zmq.Context() as ctx, common.make_socket(ctx, zmq.PUSH, linger=500, receives=False) as push:
+            push.sndtimeo = 500
+            push.connect(self.endpoints["results"])
+            bye = wire.Bye(common.worker_id(pid), f"its process {how_it_ended(code)}")
+            try:
+                common.send_frames(push, wire.encode(bye))
+            except zmq.Again:
+                pass  # the heartbeat timeout will tell the broker instead
 
     def stop_all(self, interrupted: bool = False) -> None:
         """Stop every child. After an interrupted batch, the grace is over: a
@@ -208,6 +225,15 @@ class Launcher:
         deadline = time.monotonic() + (INTERRUPTED_STOP_S if interrupted else STOP_WAIT_S)
         for proc in procs:
             _wait_or_stop(proc, max(0.0, deadline - time.monotonic()), patient=not interrupted)
+
+
+def how_it_ended(code: int) -> str:
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 def _signal(proc, sig) -> None:

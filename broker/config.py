@@ -71,9 +71,10 @@ STDERR_FORMAT = (
 )
 
 
-def worker_id() -> str:
-    """Unique across hosts and restarts: host name and process id."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+def worker_id(pid: int | None = None) -> str:
+    """Unique across hosts and restarts: host name and process id (this
+    process's, or that of a worker started on this host)."""
+    return f"{socket.gethostname()}-{os.getpid() if pid is None else pid}"
 
 
 def setup_logging(component: str, log_dir: str | None, level: str = "INFO", **context) -> None:

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +107,34 @@ def test_all_workers_killed_under_the_launcher_ends_with_an_error(tmp_path):
     assert r["tasks"]["completed"] + r["tasks"]["failed"] == 20
     assert "no live worker" in stdout
     assert processes_matching(f"--parent-pid {proc.pid}") == []
+
+
+def test_a_killed_worker_is_written_off_at_once_under_the_launcher(tmp_path):
+    """The launcher sees the exit: it tells the broker, which need not wait
+    for the heartbeats to stop before the worker's jobs go to the others."""
+    src = photos(tmp_path, 12, 2400, 1800)
+    proc = launch_async(src, "-o", tmp_path / "out", "--workers", "2", "--format", "png", "--quality", "100",
+                        "--report-json", tmp_path / "r.json", "--results-jsonl", tmp_path / "res.jsonl",
+                        "--log-dir", tmp_path / "logs")
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "res.jsonl").exists() or not (tmp_path / "res.jsonl").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        victim = children(proc, "sidecar")[0]
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["tasks"]["completed"] == 12 and r["tasks"]["failed"] == 0
+    gone = f"{socket.gethostname()}-{victim}"
+    assert gone in r["workers"]["dead"]
+    broker_log = "".join(p.read_text() for p in (tmp_path / "logs").glob("broker-*.jsonl"))
+    assert f"worker {gone} left: its process killed by SIGKILL" in broker_log
+    assert "stopped responding" not in broker_log
 
 
 def test_killed_reporter_is_replaced_and_the_batch_goes_on(tmp_path):
