@@ -140,7 +140,8 @@ class Launcher:
                 # First Ctrl-C: the broker stops dispatching and finishes what is
                 # in flight. Second: it cuts that wait short.
                 forwarded += 1
-                _signal(self.broker, signal.SIGTERM)
+                # The same signal, so that the broker's log names what the user did.
+                _signal(self.broker, signal.Signals[stop.signal_name] if stop.signal_name else signal.SIGTERM)
             self._replace_crashed_workers(released)
             if not released and self.reporter.poll() is not None:
                 if self.reporter.returncode != 0 and self.broker.poll() is None and self.reporter_restarts:

@@ -53,6 +53,8 @@ def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
     assert 2 <= done < 40 and r["tasks"]["failed"] == 0
     assert len(r["unfinished"]) == 40 - done
     assert "(interrupted)" in stdout and "Not finished" in stdout
+    broker_log = "".join(p.read_text() for p in (tmp_path / "logs").glob("broker-*.jsonl"))
+    assert "SIGINT: no new jobs" in broker_log   # the user's Ctrl-C, by its name
     lines = [json.loads(l) for l in open(tmp_path / "res.jsonl")]
     assert len(lines) == 40 and sum(1 for l in lines if l.get("unfinished")) == 40 - done
     # Every finished job has its output; nothing half-written; no process left.
