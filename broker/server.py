@@ -419,24 +419,45 @@ def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:
 
 
 def _dispatch(broker: Broker, router) -> None:
-    with_bytes = broker.config.transport == "bytes"
+    """Send every job the workers have credit for.
+
+    Path transport: the jobs for one worker go in one message. Bytes
+    transport: one job a message, its image in a frame of its own.
+    """
     now = time.monotonic()
+    if broker.config.transport == "bytes":
+        while (assignment := broker.dispatcher.next_assignment(now)) is not None:
+            worker_id, job = assignment
+            payload = broker.read_payload(job, worker_id)
+            # (A payload of None: unreadable, and already failed with a clear error.)
+            if payload is not None and not _send_jobs(broker, router, worker_id, [job], payload):
+                return
+        return
+    batches: dict[str, list[wire.Job]] = {}
     while (assignment := broker.dispatcher.next_assignment(now)) is not None:
-        worker_id, job = assignment
-        payload = broker.read_payload(job, worker_id) if with_bytes else None
-        if with_bytes and payload is None:
-            continue  # unreadable: already failed with a clear error
-        try:
-            send_frames(router, [worker_id.encode(), *wire.encode(job, payload)], nowait=True,
-                        copy=payload is None)
-        except zmq.Again:
-            broker.dispatcher.unsend(worker_id, job.job_id)
-            return
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            broker.dispatcher.unsend(worker_id, job.job_id)
-            broker._lose(worker_id, f"worker {worker_id} disconnected")
+        batches.setdefault(assignment[0], []).append(assignment[1])
+    for worker_id, jobs in batches.items():
+        _send_jobs(broker, router, worker_id, jobs)
+
+
+def _send_jobs(broker: Broker, router, worker_id: str, jobs: list[wire.Job], payload: bytes | None = None) -> bool:
+    """Send ``jobs`` to one worker; if that fails, they go back in the queue (and False)."""
+    msg = jobs[0] if len(jobs) == 1 else wire.Jobs(jobs)
+    try:
+        send_frames(router, [worker_id.encode(), *wire.encode(msg, payload)], nowait=True,
+                    copy=payload is None)
+        return True
+    except zmq.Again:
+        reason = None  # its queue is full: the jobs wait for the next round
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EHOSTUNREACH:
+            raise
+        reason = f"worker {worker_id} disconnected"
+    for job in reversed(jobs):  # back at the front of the queue, in their order
+        broker.dispatcher.unsend(worker_id, job.job_id)
+    if reason:
+        broker._lose(worker_id, reason)
+    return False
 
 
 def _linger(pub, broker: Broker, snapshot: dict, stop: StopFlag) -> None:

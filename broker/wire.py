@@ -10,6 +10,7 @@ bytes transport, ``job`` and ``done`` carry the image as a third frame, raw
     ---------   ---------------------------------   ----------------------
     ready       sidecar   -> ventilator             DEALER -> ROUTER
     job         ventilator -> sidecar               ROUTER -> DEALER
+    jobs        ventilator -> sidecar (several)     ROUTER -> DEALER
     done        sidecar   -> sink   (completion)    PUSH   -> PULL
     heartbeat   sidecar   -> sink                   PUSH   -> PULL
     bye         sidecar   -> sink                   PUSH   -> PULL
@@ -66,6 +67,20 @@ class Job:
     max_pixels: int = 0
     max_bytes: int = 0
     timed: bool = False  # time each stage of this one (see broker.inputs.choose_timed)
+
+
+@dataclass(slots=True)
+class Jobs:
+    """Several jobs for one worker in one message (path transport only).
+
+    Short jobs finish faster than one message per job can carry them: each
+    message costs both ends system calls and a wake-up of libzmq's I/O
+    thread, a job in a list only its own fields. Each job is still leased,
+    and completed, on its own.
+    """
+
+    KIND: typing.ClassVar[bytes] = b"jobs"
+    jobs: list[Job]
 
 
 @dataclass(slots=True)
@@ -139,9 +154,9 @@ class Metrics:
     snapshot: dict
 
 
-MESSAGE_TYPES = (Ready, Job, Done, Heartbeat, Bye, Progress, Metrics)
+MESSAGE_TYPES = (Ready, Job, Jobs, Done, Heartbeat, Bye, Progress, Metrics)
 BY_KIND = {cls.KIND: cls for cls in MESSAGE_TYPES}
-Message = Ready | Job | Done | Heartbeat | Bye | Progress | Metrics
+Message = Ready | Job | Jobs | Done | Heartbeat | Bye | Progress | Metrics
 
 
 def _accepted_types(hint) -> frozenset[type]:
@@ -156,8 +171,8 @@ def _accepted_types(hint) -> frozenset[type]:
         return frozenset({type(None)})
     if hint is float:
         return frozenset({float, int})
-    if typing.get_origin(hint) is dict:
-        return frozenset({dict})
+    if typing.get_origin(hint) in (dict, list):
+        return frozenset({typing.get_origin(hint)})
     return frozenset({hint})
 
 
@@ -170,9 +185,11 @@ NON_NEGATIVE_NUMBERS = "a dict of non-negative numbers"
 MAX_NUMBER = 2 ** 40
 
 
-def _value_check(hint) -> str | None:
+def _value_check(hint) -> str | type | None:
     if typing.get_origin(hint) is dict:
         return NON_NEGATIVE_NUMBERS
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0]  # a list of messages, each checked as one
     accepted = _accepted_types(hint)
     return NON_NEGATIVE if int in accepted or float in accepted else None
 
@@ -191,7 +208,7 @@ class _Schema:
     kind: str
     required: frozenset[str]
     defaults: tuple[tuple[str, object], ...]            # (name, default or _REQUIRED), in order
-    checks: dict[str, tuple[frozenset[type], str | None]]  # name -> (accepted types, value check)
+    checks: dict[str, tuple[frozenset[type], str | type | None]]  # name -> (accepted types, value check)
 
 
 def _default(f: dataclasses.Field):
@@ -223,17 +240,25 @@ def encode(msg: Message, payload=None) -> list:
 
     Fields still at their default are left out: the receiver puts them back.
     """
-    body = {"v": VERSION}
-    for name, default in _SCHEMAS[msg.KIND].defaults:
-        value = getattr(msg, name)
-        if value != default or type(value) is not type(default):
-            body[name] = value
+    if type(msg) is Jobs:
+        body = {"v": VERSION, "jobs": [_fields({}, job) for job in msg.jobs]}
+    else:
+        body = _fields({"v": VERSION}, msg)
     frames = [msg.KIND, orjson.dumps(body)]
     if payload is not None:
         if msg.KIND not in WITH_PAYLOAD:
             raise WireError(f"{msg.KIND.decode()} cannot carry a payload")
         frames.append(payload)
     return frames
+
+
+def _fields(body: dict, msg) -> dict:
+    """``body`` with every field of ``msg`` that is not at its default."""
+    for name, default in _SCHEMAS[msg.KIND].defaults:
+        value = getattr(msg, name)
+        if value != default or type(value) is not type(default):
+            body[name] = value
+    return body
 
 
 def decode_with_payload(frames: list, expect: tuple[type, ...] | None = None):
@@ -267,9 +292,14 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
     version = body.pop("v", None)
     if type(version) is not int or version != VERSION:
         raise WireError(f"{schema.kind}: protocol version {version!r}, expected {VERSION}")
+    return _build(cls, schema, body, schema.kind)
+
+
+def _build(cls, schema: _Schema, body: dict, where: str):
+    """``cls`` from a decoded body, every field checked; ``where`` names it in errors."""
     if not schema.required <= body.keys():
         missing = sorted(schema.required - body.keys())
-        raise WireError(f"{schema.kind}: missing field {missing[0]!r}")
+        raise WireError(f"{where}: missing field {missing[0]!r}")
     values = {}
     checks = schema.checks
     # The hot path of the whole bus (the broker decodes every completion):
@@ -280,17 +310,30 @@ def decode(frames: list, expect: tuple[type, ...] | None = None) -> Message:
             continue
         accepted, check = spec
         if type(value) not in accepted:
-            raise WireError(f"{schema.kind}: field {name!r} has type {type(value).__name__}")
+            raise WireError(f"{where}: field {name!r} has type {type(value).__name__}")
         if check is not None and value is not None:
             if check is NON_NEGATIVE:
                 if not 0 <= value <= MAX_NUMBER:  # also false for nan
-                    raise WireError(f"{schema.kind}: field {name!r} is "
+                    raise WireError(f"{where}: field {name!r} is "
                                     f"{'negative' if value < 0 else 'out of range'}")
+            elif check is NON_NEGATIVE_NUMBERS:
+                _check_numbers(where, name, value)
             else:
-                _check_numbers(schema.kind, name, value)
+                value = _build_list(check, value, f"{where}: {name}")
         values[name] = value
     return cls(**values)
 
+
+def _build_list(cls, items: list, where: str) -> list:
+    if not items:
+        raise WireError(f"{where} is empty")
+    schema = _SCHEMAS[cls.KIND]
+    built = []
+    for i, item in enumerate(items):
+        if type(item) is not dict:
+            raise WireError(f"{where}[{i}] is not an object")
+        built.append(_build(cls, schema, item, f"{where}[{i}]"))
+    return built
 
 
 def dumps(obj) -> bytes:

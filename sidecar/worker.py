@@ -1,7 +1,7 @@
 """The sidecar process: takes jobs, optimizes images, reports completions.
 
 Sockets (all connect to the broker):
-  jobs     DEALER  out: ready (our credit; again whenever idle)   in: job
+  jobs     DEALER  out: ready (our credit; again whenever idle)   in: job, jobs
   results  PUSH    out: done (one per job, with our worker id), bye
   results  PUSH    out: heartbeat, from the heartbeat thread's own socket
 
@@ -266,31 +266,34 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
                     last_job = time.monotonic()
             continue
         try:
-            job, payload = wire.decode_with_payload(frames, (wire.Job,))
+            msg, payload = wire.decode_with_payload(frames, (wire.Job, wire.Jobs))
         except wire.WireError as exc:
             logger.warning("dropped a malformed message: {}", exc)
             continue
-        started = time.monotonic()
-        busy.job = (job.job_id, started)
-        if config.noop:
-            done, encoded = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none"), None
-        else:
-            done, encoded = process(job, config, payload, abandon=lambda: stop.count > 1,
-                                    staged=job.timed)
-        busy.job = None
-        peak = peak_mb()
-        if peak > reported_peak:
-            # Heartbeats carry memory too, but a batch may end before the first.
-            done, reported_peak = dataclasses.replace(done, peak_rss_mb=peak), peak
-        try:
-            send_frames(push, wire.encode(done, encoded), copy=encoded is None)
-        except zmq.Again:
-            logger.error("broker unreachable: completion of {} not delivered", job.job_id)
-        if done.in_bytes >= TRIM_AFTER_BYTES and memory_mb()[0] > TRIM_ABOVE_MB:
-            release_memory()
-        handled += 1
-        last_job = time.monotonic()
-        if credit.update(last_job - started):
-            announce()
+        for job in (msg.jobs if type(msg) is wire.Jobs else (msg,)):
+            if stop:
+                break  # the rest go back to the queue when the broker hears our bye
+            started = time.monotonic()
+            busy.job = (job.job_id, started)
+            if config.noop:
+                done, encoded = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none"), None
+            else:
+                done, encoded = process(job, config, payload, abandon=lambda: stop.count > 1,
+                                        staged=job.timed)
+            busy.job = None
+            peak = peak_mb()
+            if peak > reported_peak:
+                # Heartbeats carry memory too, but a batch may end before the first.
+                done, reported_peak = dataclasses.replace(done, peak_rss_mb=peak), peak
+            try:
+                send_frames(push, wire.encode(done, encoded), copy=encoded is None)
+            except zmq.Again:
+                logger.error("broker unreachable: completion of {} not delivered", job.job_id)
+            if done.in_bytes >= TRIM_AFTER_BYTES and memory_mb()[0] > TRIM_ABOVE_MB:
+                release_memory()
+            handled += 1
+            last_job = time.monotonic()
+            if credit.update(last_job - started):
+                announce()
     logger.info("worker {} stopping after {} jobs ({})", config.worker_id, handled,
                 stop.signal_name or "launcher exited")

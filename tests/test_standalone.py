@@ -264,3 +264,48 @@ def test_a_standalone_sidecar_started_elsewhere_finds_relative_inputs(tmp_path):
         assert json.loads((tmp_path / "r.json").read_text())["tasks"]["completed"] == 2
     finally:
         stop(broker, worker)
+
+
+def test_jobs_for_one_worker_travel_together_and_complete_one_by_one(tmp_path):
+    """A worker with credit 4 gets its 4 jobs in one message; each completion counts once."""
+    from broker import wire
+
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 40, (64, 48))
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path))
+    worker = None
+    try:
+        with zmq.Context() as ctx:
+            dealer, push = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUSH)
+            dealer.linger = push.linger = 1000
+            dealer.routing_id = b"raw-1"
+            dealer.connect(ep["jobs"])
+            push.connect(ep["results"])
+            dealer.send_multipart(wire.encode(wire.Ready("raw-1", "raw", 1, 4)))
+            assert dealer.poll(30_000)
+            batch = wire.decode(dealer.recv_multipart(), (wire.Jobs,))  # all 4 credits free at once
+            assert len({j.job_id for j in batch.jobs}) == 4
+            completed, duplicates = [], 0
+            while len(completed) < 8:
+                for job in batch.jobs + batch.jobs[:1]:  # the first one twice
+                    push.send_multipart(wire.encode(wire.Done(job.job_id, job.batch_id, "raw-1", True, None,
+                                                              100, 50, 64, 48, "jpeg")))
+                completed += batch.jobs
+                duplicates += 1
+                # The freed credit comes back as jobs in one message or several.
+                assert dealer.poll(30_000)
+                batch = wire.decode(dealer.recv_multipart(), (wire.Job, wire.Jobs))
+                batch = batch if isinstance(batch, wire.Jobs) else wire.Jobs([batch])
+            push.send_multipart(wire.encode(wire.Bye("raw-1", wire.BYE_STOPPING)))  # its last jobs go back
+            dealer.close()
+            push.close()
+        worker = sidecar(ep, tmp_path)  # does the rest
+        assert broker.wait(60) == 0
+        r = json.loads((tmp_path / "r.json").read_text())
+        assert (r["tasks"]["total"], r["tasks"]["completed"]) == (40, 40)
+        assert r["tasks"]["duplicates_ignored"] == duplicates
+        per = {w["id"]: w["tasks"] for w in r["workers"]["per_worker"]}
+        assert per["raw-1"] == len(completed) and sum(per.values()) == 40
+        assert len(os.listdir(tmp_path / "out")) == 40 - len(completed)  # the raw worker wrote nothing
+    finally:
+        stop(broker, *(p for p in [worker] if p))

@@ -10,6 +10,7 @@ def test_every_kind_round_trips():
     messages = [
         wire.Ready("h-1", "h", 1, 2),
         wire.Job("j1", "b1", "/in/a.jpg", "/out/a.webp", {"format": "webp"}, attempt=2, max_pixels=10),
+        wire.Jobs([wire.Job("j1", "b1", "/in/a.jpg", "/out/a.jpg", {}), wire.Job("j2", "b1", "/b", "/c", {})]),
         wire.Done("j1", "b1", "h-1", True, None, 10, 5, 4, 3, "webp", False, 0.5, {"decode": 0.1}),
         wire.Heartbeat("h-1", "j1", 1.5),
         wire.Bye("h-1", "stopping"),
@@ -30,6 +31,37 @@ def test_fields_at_their_default_stay_off_the_wire():
                                                    "ok": True, "elapsed_s": 0.25, "timings": {"decode": 0.1}}
     # A value equal to the default but of another type still travels as given.
     assert orjson.loads(wire.encode(wire.Heartbeat("w", busy_s=0))[1])["busy_s"] == 0
+
+
+def test_several_jobs_travel_in_one_message_each_checked_as_a_job():
+    jobs = [wire.Job(f"j{i}", "b1", f"/in/{i}.jpg", f"/out/{i}.jpg", {"format": "webp"}, timed=i == 1)
+            for i in range(3)]
+    frames = wire.encode(wire.Jobs(jobs))
+    body = orjson.loads(frames[1])
+    assert frames[0] == b"jobs" and body["v"] == wire.VERSION
+    assert [j["job_id"] for j in body["jobs"]] == ["j0", "j1", "j2"]
+    assert "attempt" not in body["jobs"][0] and "v" not in body["jobs"][0]
+    assert body["jobs"][1]["timed"] is True and "timed" not in body["jobs"][0]
+    assert wire.decode(frames, (wire.Job, wire.Jobs)).jobs == jobs
+    with pytest.raises(wire.WireError, match="cannot carry a payload"):
+        wire.encode(wire.Jobs(jobs), b"image")
+
+
+GOOD_JOB = {"job_id": "j", "batch_id": "b", "input": "/in/a.jpg", "output": "/out/a.jpg", "settings": {}}
+
+
+@pytest.mark.parametrize("jobs, fragment", [
+    ([], r"^jobs: jobs is empty$"),
+    ("j1", r"^jobs: field 'jobs' has type str$"),
+    ([GOOD_JOB, 5], r"^jobs: jobs\[1\] is not an object$"),
+    ([GOOD_JOB, {k: v for k, v in GOOD_JOB.items() if k != "input"}], r"^jobs: jobs\[1\]: missing field 'input'$"),
+    ([{**GOOD_JOB, "attempt": -1}], r"^jobs: jobs\[0\]: field 'attempt' is negative$"),
+    ([{**GOOD_JOB, "settings": []}], r"^jobs: jobs\[0\]: field 'settings' has type list$"),
+    ([{**GOOD_JOB, "timed": 1}], r"^jobs: jobs\[0\]: field 'timed' has type int$"),
+])
+def test_a_bad_job_in_a_list_refuses_the_whole_message(jobs, fragment):
+    with pytest.raises(wire.WireError, match=fragment):
+        wire.decode([b"jobs", orjson.dumps({"v": 1, "jobs": jobs})])
 
 
 def test_optional_fields_take_defaults():
