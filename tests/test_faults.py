@@ -30,6 +30,14 @@ def children(launcher: subprocess.Popen, module: str) -> list[int]:
             if f"--parent-pid {launcher.pid}" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
 
 
+def wait_for_results(launcher: subprocess.Popen, path, lines: int = 1, timeout: float = 60) -> None:
+    """Until the results file ``path`` has ``lines`` lines; fails if the launcher exits first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() or len(path.read_text().splitlines()) < lines:
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+
+
 def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
     src = photos(tmp_path, 40, 2400, 1800)
     out = tmp_path / "out"
@@ -37,10 +45,7 @@ def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
                         "--report-json", tmp_path / "r.json", "--results-jsonl", tmp_path / "res.jsonl",
                         "--log-dir", tmp_path / "logs")
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "res.jsonl").exists() or len((tmp_path / "res.jsonl").read_text().splitlines()) < 2:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        wait_for_results(proc, tmp_path / "res.jsonl", lines=2)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -91,10 +96,7 @@ def test_all_workers_killed_under_the_launcher_ends_with_an_error(tmp_path):
                         "--no-worker-timeout", "2", "--report-json", tmp_path / "r.json",
                         "--results-jsonl", tmp_path / "res.jsonl", "--log-dir", tmp_path / "logs")
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "res.jsonl").exists() or not (tmp_path / "res.jsonl").read_text():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        wait_for_results(proc, tmp_path / "res.jsonl")
         for pid in children(proc, "sidecar"):
             os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -119,10 +121,7 @@ def test_a_killed_worker_is_written_off_at_once_under_the_launcher(tmp_path):
                         "--report-json", tmp_path / "r.json", "--results-jsonl", tmp_path / "res.jsonl",
                         "--log-dir", tmp_path / "logs")
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "res.jsonl").exists() or not (tmp_path / "res.jsonl").read_text():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        wait_for_results(proc, tmp_path / "res.jsonl")
         victim = children(proc, "sidecar")[0]
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=120)
