@@ -39,6 +39,10 @@ INTERRUPTED_STOP_S = 1.0
 SUPERVISE_EVERY_S = 0.1
 # Two signals this far apart count as two, not one.
 SIGNAL_GAP_S = 0.02
+# After Ctrl-C, workers drop their images this long before the broker's grace
+# ends: an image finished in time reaches the broker in time; any other is
+# dropped before it is written, never left on disk while reported unfinished.
+ABANDON_BEFORE_S = 0.5
 # A stop signal forwarded before the broker has installed its handlers would
 # kill it outright (no report); this is ample for its start-up.
 BROKER_HANDLERS_S = 1.0
@@ -135,14 +139,26 @@ class Launcher:
         """Wait for the batch; return the exit status."""
         forwarded = 0
         released = False
+        abandon_at = None  # when the workers get their second signal, after a Ctrl-C
         while True:
             if stop.count > forwarded and time.monotonic() - self.broker_started >= BROKER_HANDLERS_S:
-                # First Ctrl-C: the broker stops dispatching and finishes what is
-                # in flight. Second: it cuts that wait short.
+                # First Ctrl-C: the broker stops dispatching and waits for the
+                # images in flight; each worker finishes the image it is on and
+                # leaves, the jobs queued at it unstarted (the broker counts
+                # them unfinished; left to run, they would write outputs the
+                # report calls unfinished). Second: both cut the wait short.
                 forwarded += 1
-                # The same signal, so that the broker's log names what the user did.
-                _signal(self.broker, signal.Signals[stop.signal_name] if stop.signal_name else signal.SIGTERM)
-            self._replace_crashed_workers(released)
+                # The same signal, so that the logs name what the user did.
+                sig = signal.Signals[stop.signal_name] if stop.signal_name else signal.SIGTERM
+                for proc in [self.broker, *self.workers]:
+                    _signal(proc, sig)
+                if abandon_at is None:
+                    abandon_at = time.monotonic() + max(0.0, self.args.grace - ABANDON_BEFORE_S)
+            if forwarded == 1 and time.monotonic() >= abandon_at:
+                abandon_at = float("inf")  # once (a second Ctrl-C tells them itself)
+                for proc in self.workers:
+                    _signal(proc, signal.SIGTERM)
+            self._replace_crashed_workers(asked_to_stop=released or forwarded > 0)
             if not released and self.reporter.poll() is not None:
                 if self.reporter.returncode != 0 and self.broker.poll() is None and self.reporter_restarts:
                     # The reporter died (it did not print the report): another
@@ -179,7 +195,7 @@ class Launcher:
             return EXIT_INTERRUPTED
         return {0: EXIT_OK, 1: EXIT_FAILED, 2: EXIT_USAGE, 130: EXIT_INTERRUPTED}.get(code, EXIT_FAILED)
 
-    def _replace_crashed_workers(self, released: bool) -> None:
+    def _replace_crashed_workers(self, asked_to_stop: bool) -> None:
         for worker in list(self.workers):
             code = worker.poll()
             if code is None:
@@ -189,13 +205,13 @@ class Launcher:
             crashed = code > 0 or code in CRASH_SIGNALS
             from loguru import logger
 
-            if code != 0 and not released and self.broker.poll() is None:
+            if code != 0 and not asked_to_stop and self.broker.poll() is None:
                 self.tell_broker_worker_gone(worker.pid, code)
-            if crashed and self.respawns_left > 0 and self.broker.poll() is None:
+            if crashed and not asked_to_stop and self.respawns_left > 0 and self.broker.poll() is None:
                 self.respawns_left -= 1
                 logger.warning("worker pid {} exited with {}; starting a new one", worker.pid, code)
                 self.start_worker(slot)  # on the CPUs its predecessor had
-            elif code == 0 and released:
+            elif code == 0 and asked_to_stop:
                 logger.info("worker pid {} stopped", worker.pid)  # we asked it to
             else:
                 logger.warning("worker pid {} exited with {}", worker.pid, code)

@@ -36,6 +36,9 @@ PAUSE_S = 2.0
 PUBLISHED_LIST_MAX = 100
 PUBLISHED_TEXT_MAX = 400
 FINAL_EVERY_S = 0.25
+# After an interrupted batch: how long completions already on their way are
+# still taken, before the jobs without one are recorded unfinished.
+SETTLE_S = 0.2
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -326,6 +329,7 @@ def _serve_batch(broker: Broker, router, pull, pub, stop: StopFlag) -> int:
                     cfg.results_endpoint, cfg.metrics_endpoint)
         state, code = _loop(broker, router, pull, pub, stop)
         if state == "interrupted":
+            _settle(broker, pull)
             broker.note_unfinished()
         now = time.monotonic()
         broker.metrics.finish(state, now)
@@ -392,6 +396,18 @@ def _loop(broker: Broker, router, pull, pub, stop: StopFlag) -> tuple[str, int]:
             logger.error(error)
             broker.fail_remaining(error)
             return "aborted", EXIT_FAILED
+
+
+def _settle(broker: Broker, pull) -> None:
+    """Take the completions sent just before the batch was cut short.
+
+    A worker that wrote its image a moment before the stop reports it a
+    moment after: counted, rather than its output left on disk unrecorded.
+    """
+    deadline = time.monotonic() + SETTLE_S
+    while broker.dispatcher.leased and (left := deadline - time.monotonic()) > 0:
+        if pull.poll(left * 1000):
+            _drain(pull, broker, time.monotonic(), from_router=False)
 
 
 def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:

@@ -40,6 +40,10 @@ class ImageError(Exception):
     """This image cannot be optimized; the message says why."""
 
 
+class Abandoned(Exception):
+    """The batch was stopped while this image was being made: nothing was written."""
+
+
 @dataclass
 class Outcome:
     in_bytes: int
@@ -130,7 +134,7 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
         outcome.timings["decode"] += read_s
     clock = time.perf_counter()
     if abandon():
-        raise ImageError("abandoned: the batch was stopped before this image was written")
+        raise Abandoned("the batch was stopped before this image was written")
     try:
         write_atomically(output_path, encoded, tag)
     except OSError as exc:

@@ -33,7 +33,7 @@ from broker.config import (
 )
 from broker.security import ClientKeys, secure_client
 from broker.settings import Settings, SettingsError
-from sidecar.optimize import ImageError, configure_vips, optimize, optimize_bytes, warm_up
+from sidecar.optimize import Abandoned, ImageError, configure_vips, optimize, optimize_bytes, warm_up
 
 EXIT_JOB_TIMEOUT = 75
 POLL_MS = 200
@@ -111,7 +111,8 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, a
     With a payload (bytes transport) the image comes in the message and goes
     back in the completion: no file is touched. Without one, the job's paths
     are used, confined to this worker's folders. Every failure becomes a
-    failed completion, never an exception.
+    failed completion, never an exception. An image abandoned on a stop
+    signal has no completion (None): the job is unfinished, not failed.
     """
     start = time.perf_counter()
     worker_id = config.worker_id
@@ -130,6 +131,9 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, a
                                    max_bytes=job.max_bytes, tag=f"{worker_id}-{job.attempt}",
                                    input_roots=config.input_roots,
                                    output_roots=config.output_roots, abandon=abandon, staged=staged)
+        except Abandoned as exc:
+            logger.info("{} abandoned: {}", job.input, exc)
+            return None, None
         except (ImageError, SettingsError) as exc:
             error = str(exc) if isinstance(exc, ImageError) else f"invalid setting: {exc}"
             logger.warning("{} failed: {}", job.input, error)
@@ -281,6 +285,8 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
                 done, encoded = process(job, config, payload, abandon=lambda: stop.count > 1,
                                         staged=job.timed)
             busy.job = None
+            if done is None:
+                break  # abandoned: the broker records it unfinished
             peak = peak_mb()
             if peak > reported_peak:
                 # Heartbeats carry memory too, but a batch may end before the first.

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, make_photo, processes_matching
 
 
@@ -66,6 +68,36 @@ def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
     files = [f for _, _, fs in os.walk(out) for f in fs]
     assert len(files) == done and not [f for f in files if "imgbus-tmp" in f]
     assert processes_matching(f"--parent-pid {proc.pid}") == []
+
+
+@pytest.mark.parametrize("how", ["grace 0", "two signals"])
+def test_after_ctrl_c_no_output_appears_for_a_job_reported_unfinished(tmp_path, how):
+    # Short jobs: each worker holds many queued at once when the Ctrl-C comes.
+    src = photos(tmp_path, 600, 320, 240)
+    out = tmp_path / "out"
+    proc = launch_async(src, "-o", out, "--workers", "2", "--results-jsonl", tmp_path / "res.jsonl",
+                        "--report-json", tmp_path / "r.json", "--log-dir", tmp_path / "logs",
+                        *(["--grace", "0"] if how == "grace 0" else []))
+    try:
+        wait_for_results(proc, tmp_path / "res.jsonl", lines=40)
+        proc.send_signal(signal.SIGINT)
+        if how == "two signals":
+            time.sleep(0.005)
+            proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    time.sleep(0.5)  # a worker that still wrote would have done so by now
+    lines = [json.loads(l) for l in open(tmp_path / "res.jsonl")]
+    finished = {os.path.basename(l["output"]) for l in lines if l.get("ok")}
+    unfinished = {os.path.basename(l["output"]) for l in lines if l.get("unfinished")}
+    assert unfinished and len(finished) + len(unfinished) == 600
+    on_disk = {f for _, _, fs in os.walk(out) for f in fs}
+    assert on_disk == finished, f"outputs of unfinished jobs: {sorted(on_disk & unfinished)[:5]}"
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["tasks"]["completed"] == len(on_disk)
 
 
 def test_a_job_that_hangs_workers_is_retried_then_failed(tmp_path):
