@@ -71,6 +71,9 @@ class Broker:
         self.dispatching = False
         self.last_worker_seen = time.monotonic()
         self.stopping_since: float | None = None
+        # When the broker last looked at its sockets: a message read now was
+        # sent after that at the earliest (much after, if we were paused).
+        self.last_poll = time.monotonic()
         for rejected in plan.rejected:
             self.metrics.record_failure(rejected.job_id, rejected.input, rejected.error)
             self._result_line(rejected.job_id, rejected.input, rejected.output, ok=False,
@@ -90,7 +93,9 @@ class Broker:
         self.dispatcher.register(msg.worker_id, msg.credit, now, msg.max_bytes)
         if msg.idle_s > 0:
             logger.debug("worker {} idle for {:.1f} s", msg.worker_id, msg.idle_s)
-            lost = self.dispatcher.reclaim(msg.worker_id, now - msg.idle_s,
+            # Counted back from when it may have been sent, not from now: after
+            # a pause of ours, "idle for 2 s" may be many seconds old.
+            lost = self.dispatcher.reclaim(msg.worker_id, min(now, self.last_poll) - msg.idle_s,
                                            f"lost between the broker and worker {msg.worker_id} "
                                            "(its connection dropped?)")
             if lost is not None:
@@ -358,13 +363,15 @@ def _loop(broker: Broker, router, pull, pub, stop: StopFlag) -> tuple[str, int]:
             # We were not running (stopped, suspended, starved): the workers'
             # silence is ours, so their clocks restart now.
             broker.dispatcher.forgive(now)
-        last_tick = now
+        broker.last_poll, last_tick = last_tick, now
         if stop.wakeup_fd in events:
             stop.drain()
-        if router in events:
-            _drain(router, broker, now, from_router=True)
+        # Completions first: a worker's "I am idle" may have been sent after
+        # completions that are waiting here too.
         if pull in events:
             _drain(pull, broker, now, from_router=False)
+        if router in events:
+            _drain(router, broker, now, from_router=True)
         if now - last_house >= HOUSEKEEPING_EVERY_S:
             broker.housekeeping(now)
             last_house = now

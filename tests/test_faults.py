@@ -100,6 +100,30 @@ def test_after_ctrl_c_no_output_appears_for_a_job_reported_unfinished(tmp_path, 
     assert r["tasks"]["completed"] == len(on_disk)
 
 
+def test_a_broker_paused_for_seconds_loses_no_completion(tmp_path):
+    # The workers finish what they hold, report it and, idle, say so every
+    # 2 s; all of that waits until the broker runs again.
+    src = photos(tmp_path, 40, 800, 600)
+    proc = launch_async(src, "-o", tmp_path / "out", "--workers", "2", "--max-attempts", "1",
+                        "--report-json", tmp_path / "r.json", "--results-jsonl", tmp_path / "res.jsonl",
+                        "--log-dir", tmp_path / "logs")
+    try:
+        wait_for_results(proc, tmp_path / "res.jsonl", lines=4)
+        broker = children(proc, "broker")[0]
+        os.kill(broker, signal.SIGSTOP)
+        time.sleep(5)
+        os.kill(broker, signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["tasks"]["completed"] == 40 and r["tasks"]["failed"] == 0
+    broker_log = "".join(p.read_text() for p in (tmp_path / "logs").glob("broker-*.jsonl"))
+    assert "never came back" not in broker_log
+
+
 def test_a_job_that_hangs_workers_is_retried_then_failed(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
