@@ -111,16 +111,15 @@ class Launcher:
                                     "--log-dir", a.log_dir, "--log-level", a.log_level)
 
     def confinement(self) -> list[str]:
-        """The folders the workers may touch: the inputs and the output folder.
+        """The folders the workers may touch.
 
-        A batch file names its files itself, so its workers are not confined;
-        the launcher's sockets are private (ipc in a 0700 folder) either way.
+        Inputs: whatever the broker planned from the user's own arguments,
+        links to folders elsewhere included (its jobs reach the workers only
+        through the launcher's private ipc folder, mode 0700). Outputs: the
+        output folder, unless a batch file names its outputs itself.
         """
         a = self.args
-        if a.jobs:
-            return ["--input-root", "/", "--output-root", "/"]
-        roots = [arg for path in a.inputs for arg in ("--input-root", os.path.abspath(path))]
-        return roots + ["--output-root", os.path.abspath(a.output or "out")]
+        return ["--input-root", "/", "--output-root", "/" if a.jobs else os.path.abspath(a.output or "out")]
 
     def start_worker(self, slot: int) -> subprocess.Popen:
         a = self.args

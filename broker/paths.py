@@ -114,7 +114,8 @@ def check_confined(path: str, roots: tuple[str, ...], what: str, resolve=os.path
     """Raise PathError unless ``path`` (links resolved) lies under one of ``roots``."""
     real = resolve(path)
     if not any(is_within(real, resolve(root)) for root in roots):
-        raise PathError(f"{what} path {path} is outside this worker's {what} folders; refused")
+        really = f" (a link to {real})" if real != os.path.abspath(path) else ""
+        raise PathError(f"{what} path {path}{really} is outside this worker's {what} folders; refused")
 
 
 def is_within(path: str, root: str) -> bool:

@@ -316,3 +316,18 @@ def test_a_sample_of_the_batch_is_timed_drawn_over_all_of_it():
     assert batch(1000) == big and batch(1000, "other") != big   # the same batch, the same sample
     # Not the first jobs (the largest: jobs go out biggest first) but all through the batch.
     assert 350 < sum(big) / len(big) < 650 and max(big) > 900
+
+
+def test_a_confined_path_that_is_a_link_elsewhere_names_where_it_leads(tmp_path):
+    from broker.paths import PathError, check_confined
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "root" / "inside.jpg").write_bytes(b"x")
+    (tmp_path / "root" / "away").symlink_to(tmp_path / "other")
+    check_confined(str(tmp_path / "root" / "inside.jpg"), (str(tmp_path / "root"),), "input")
+    with pytest.raises(PathError, match=r"a link to .*/other/b\.jpg\) is outside this worker's input folders"):
+        check_confined(str(tmp_path / "root" / "away" / "b.jpg"), (str(tmp_path / "root"),), "input")
+    with pytest.raises(PathError) as caught:
+        check_confined(str(tmp_path / "other" / "b.jpg"), (str(tmp_path / "root"),), "input")
+    assert "a link" not in str(caught.value)

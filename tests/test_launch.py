@@ -305,3 +305,20 @@ def test_inputs_may_follow_options(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.jpg")) == \
         ["a/a.jpg", "b/b.jpg"]
+
+
+def test_linked_folders_and_files_outside_the_input_are_optimized(tmp_path):
+    src, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    (src / "real").mkdir(parents=True)
+    elsewhere.mkdir()
+    make_photo(str(src / "real" / "a.jpg"), 400, 300)
+    make_photo(str(elsewhere / "b.jpg"), 400, 300)
+    make_photo(str(tmp_path / "c.jpg"), 400, 300)
+    (src / "linked").symlink_to(elsewhere)
+    (src / "c.jpg").symlink_to(tmp_path / "c.jpg")
+    out = tmp_path / "out"
+    proc = run_launch([src, "-o", out, "--workers", 2, "--report-json", tmp_path / "r.json",
+                       "--log-dir", tmp_path / "logs"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"]["completed"] == 3
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.jpg")) == ["c.jpg", "linked/b.jpg", "real/a.jpg"]
