@@ -12,6 +12,7 @@ manifest of every job sent is needed to tell a lost job from a duplicate.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -65,8 +66,11 @@ class Broker:
         self.metrics = BatchMetrics(batch_id, total)
         # Opened only once the sockets are bound: a broker that cannot start
         # (say, its ports are taken) must not truncate someone's results file.
-        self.results = None
+        self.results = None  # the open file; False once a write failed and it was given up on
         self._pending_lines: list[bytes] = []
+        # The broker's own files that could not be written (a full disk): the
+        # batch goes on, its exit status says something is missing.
+        self.unwritten: list[str] = []
         self.first_ready: float | None = None
         self.dispatching = False
         self.last_worker_seen = time.monotonic()
@@ -265,20 +269,30 @@ class Broker:
     def open_results(self) -> None:
         if self.config.results_jsonl:
             self.results = open(self.config.results_jsonl, "wb", buffering=0)
-            self.results.write(b"".join(self._pending_lines))
+            self._write_results(b"".join(self._pending_lines))
             self._pending_lines.clear()
 
     def _result_line(self, job_id: str, input_path: str, output: str, **fields) -> None:
-        if not self.config.results_jsonl:
+        if not self.config.results_jsonl or self.results is False:
             return
         line = wire.dumps({"job_id": job_id, "input": input_path, "output": output, **fields}) + b"\n"
         if self.results is None:
             self._pending_lines.append(line)
         else:
-            self.results.write(line)
+            self._write_results(line)
+
+    def _write_results(self, data: bytes) -> None:
+        try:
+            self.results.write(data)
+        except OSError as exc:
+            self.unwritten.append(self.config.results_jsonl)
+            logger.error("cannot write {}: {}; the results lines from here on are lost (the batch goes on)",
+                         self.config.results_jsonl, exc.strerror or exc)
+            self.results.close()
+            self.results = False  # given up on
 
     def close(self) -> None:
-        if self.results is not None:
+        if self.results:
             self.results.close()
 
 
@@ -342,7 +356,13 @@ def _serve_batch(broker: Broker, router, pull, pub, stop: StopFlag) -> int:
         m = broker.metrics
         logger.info("batch {} {}: {} succeeded, {} failed, {} skipped of {} in {:.2f} s", broker.batch_id,
                     state, m.completed, m.failed, m.skipped, m.total, snapshot["duration_s"])
-        _write_report(cfg.report_json, snapshot)
+        try:
+            _write_report(cfg.report_json, snapshot)
+        except OSError as exc:
+            broker.unwritten.append(cfg.report_json)
+            logger.error("cannot write the report {}: {}", cfg.report_json, exc.strerror or exc)
+        if broker.unwritten and code == EXIT_OK:
+            code = EXIT_FAILED
         swept = sweep_temp_files(s.job.output for s in broker.dispatcher.jobs.values())
         if swept:
             logger.info("removed {} temporary file(s) left by lost workers", swept)
@@ -524,9 +544,14 @@ def _write_report(path: str | None, snapshot: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(wire.dumps_pretty(snapshot))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(wire.dumps_pretty(snapshot))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _size(path: str) -> int:

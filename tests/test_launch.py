@@ -322,3 +322,24 @@ def test_linked_folders_and_files_outside_the_input_are_optimized(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["tasks"]["completed"] == 3
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.jpg")) == ["c.jpg", "linked/b.jpg", "real/a.jpg"]
+
+
+@pytest.mark.parametrize("which", ["results", "report"])
+def test_a_results_or_report_file_that_cannot_be_written_does_not_stop_the_batch(tmp_path, which):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        make_photo(str(src / f"p{i}.jpg"), 400, 300)
+    if which == "results":
+        files = ["--results-jsonl", "/dev/full", "--report-json", tmp_path / "r.json"]  # every write: ENOSPC
+    else:
+        (tmp_path / "r.json.tmp").mkdir()  # where the report is written first: it cannot be
+        files = ["--report-json", tmp_path / "r.json"]
+    proc = run_launch([src, "-o", tmp_path / "out", "--workers", 2, *files, "--log-dir", tmp_path / "logs"])
+    assert proc.returncode == 1, proc.stderr
+    assert "died" not in proc.stderr and "Traceback" not in proc.stderr
+    assert ("cannot write /dev/full" if which == "results" else "cannot write the report") in proc.stderr
+    assert "(done)" in proc.stdout and "4/4   (succeeded 4, failed 0" in proc.stdout, proc.stdout
+    assert len(list((tmp_path / "out").glob("*.jpg"))) == 4
+    if which == "results":
+        assert json.loads((tmp_path / "r.json").read_text())["tasks"]["completed"] == 4
