@@ -221,6 +221,8 @@ def _decode(data: bytes, settings: Settings, max_pixels: int, staged: bool = Tru
     # Only the header is read here; pixels are decoded by copy_memory() below.
     header = _vips(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="warning"))
     in_format = _loader_format(header)
+    if in_format == "gif" and not gif_is_whole(data):
+        raise ImageError("truncated GIF: the file ends before its last frame does")
     pages = _get(header, "n-pages", 1)
     width, height = header.width, header.height
     if max_pixels and width * height > max_pixels:
@@ -253,6 +255,16 @@ def _decode(data: bytes, settings: Settings, max_pixels: int, staged: bool = Tru
     image = _vips(_to_srgb(image).copy_memory)
     del header
     return image, in_format, (width, height), False
+
+
+def gif_is_whole(data) -> bool:
+    """A GIF ends with its trailer byte (";"), give or take padding.
+
+    libvips decodes a cut-off animation without complaint, as the frames
+    before the cut: the output would silently lose the rest.
+    """
+    tail = bytes(data[-64:]).rstrip(b"\0\r\n ")
+    return tail.endswith(b";")
 
 
 def _load_options(in_format: str, upright: tuple[int, int], settings: Settings) -> dict:

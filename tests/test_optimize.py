@@ -139,6 +139,23 @@ def test_animated_gif_keeps_its_frames_in_webp_and_when_resized(tmp_path):
     assert result.width == 20
 
 
+@pytest.mark.parametrize("fmt", ["original", "webp", "jpeg"])
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.99])
+def test_a_cut_off_animated_gif_fails_instead_of_losing_frames(tmp_path, fmt, keep):
+    frames = [pyvips.Image.black(64, 64).draw_rect([i * 6, 128, 255 - i * 6], i, i, 20, 20, fill=True)
+              for i in range(40)]
+    anim = pyvips.Image.arrayjoin(frames, across=1).copy()
+    anim.set_type(pyvips.GValue.gint_type, "page-height", 64)
+    anim.set_type(pyvips.GValue.array_int_type, "delay", [50] * 40)
+    data = anim.gifsave_buffer()
+    whole, cut = tmp_path / "whole.gif", tmp_path / "cut.gif"
+    whole.write_bytes(data)
+    cut.write_bytes(data[: int(len(data) * keep)])
+    run(whole, tmp_path / "out" / "whole.gif", format=fmt)  # the uncut one is fine
+    with pytest.raises(ImageError, match="truncated GIF"):
+        run(cut, tmp_path / "out" / "cut.gif", format=fmt)
+
+
 def test_icc_profile_is_converted_to_srgb(photo, tmp_path):
     src = tmp_path / "p3.jpg"
     base = load(photo("base.png"))
