@@ -263,6 +263,9 @@ class Planner:
         output = entry.get("output")
         if output is not None and not isinstance(output, str):
             return self._reject(job_id, entry["input"], "", f'{where}: "output" must be a string')
+        if output is not None and os.path.basename(output) in ("", ".", ".."):
+            # "" or "dir/" would otherwise become a hidden file named after the extension.
+            return self._reject(job_id, entry["input"], output, f'{where}: "output" must name a file, not {output!r}')
         try:
             settings = self.settings.merged(entry.get("settings") or {})
         except SettingsError as exc:

@@ -1,5 +1,6 @@
 """Turning folders and batch files into jobs."""
 
+import json
 import os
 
 import pytest
@@ -331,3 +332,15 @@ def test_a_confined_path_that_is_a_link_elsewhere_names_where_it_leads(tmp_path)
     with pytest.raises(PathError) as caught:
         check_confined(str(tmp_path / "other" / "b.jpg"), (str(tmp_path / "root"),), "input")
     assert "a link" not in str(caught.value)
+
+
+@pytest.mark.parametrize("output", ["", ".", "..", "sub/", "sub/."])
+def test_a_batch_output_that_names_no_file_is_refused(photo, tmp_path, output):
+    src = photo("a.jpg")
+    batch = tmp_path / "jobs.jsonl"
+    batch.write_text(json.dumps({"input": src, "output": output}) + "\n")
+    p = planner(tmp_path / "out")
+    p.add_batch_file(str(batch))
+    plan = p.plan()
+    assert plan.jobs == []
+    assert plan.rejected[0].error == f'batch file line 1: "output" must name a file, not {output!r}'
