@@ -181,6 +181,14 @@ class Launcher:
             if self.broker.poll() is not None:
                 break
             stop.nap(SUPERVISE_EVERY_S)
+        if not released:
+            # The broker is gone before the end: nothing the workers still do
+            # would be recorded, so they drop it (two signals) and leave now.
+            for proc in self.workers:
+                _signal(proc, signal.SIGTERM)
+            time.sleep(SIGNAL_GAP_S)
+            for proc in self.workers:
+                _signal(proc, signal.SIGTERM)
         if self.reporter.poll() is None:
             # The broker ended without the reporter seeing a final report.
             _wait_or_stop(self.reporter, 2.0)

@@ -297,3 +297,24 @@ def test_a_broker_that_dies_is_named_in_the_launchers_error(tmp_path):
     assert proc.returncode == 1
     assert "the broker died (killed by SIGKILL)" in stderr
     assert processes_matching(f"--parent-pid {proc.pid}") == []
+
+
+def test_when_the_broker_dies_workers_write_nothing_more(tmp_path):
+    src = photos(tmp_path, 400, 320, 240)
+    out = tmp_path / "out"
+    proc = launch_async(src, "-o", out, "--workers", "2", "--results-jsonl", tmp_path / "res.jsonl",
+                        "--log-dir", tmp_path / "logs")
+    try:
+        wait_for_results(proc, tmp_path / "res.jsonl", lines=40)
+        os.kill(children(proc, "broker")[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "the broker died (killed by SIGKILL)" in stderr
+    time.sleep(0.5)
+    recorded = sum(1 for line in open(tmp_path / "res.jsonl") if json.loads(line).get("ok"))
+    written = sum(1 for _, _, files in os.walk(out) for f in files if "imgbus-tmp" not in f)
+    # Per worker, at most the image it was writing and a completion the broker
+    # had not read yet when it died; not the jobs still queued at the worker.
+    assert recorded <= written <= recorded + 4, (recorded, written)
