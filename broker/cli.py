@@ -42,7 +42,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-json", metavar="FILE", help="write the final report as JSON")
     p.add_argument("--results-jsonl", metavar="FILE", help="write one JSON line per job")
     p.add_argument("--log-dir", default="logs", metavar="DIR", help="JSON-lines logs (default: ./logs)")
-    p.add_argument("--log-level", default="INFO", help="stderr log level (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", type=common.log_level, metavar="LEVEL",
+                   help="stderr log level: DEBUG, INFO, WARNING, ERROR... (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=BrokerConfig.max_pixels,
                    help="reject images declaring more pixels (default: %(default)s)")
     p.add_argument("--skip-existing", action="store_true", help="skip jobs whose output exists")
@@ -58,9 +59,9 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_broker_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs-endpoint", default=common.DEFAULT_JOBS, help="ROUTER: jobs to sidecars")
-    p.add_argument("--results-endpoint", default=common.DEFAULT_RESULTS, help="PULL: completions")
-    p.add_argument("--metrics-endpoint", default=common.DEFAULT_METRICS, help="PUB: progress, metrics")
+    p.add_argument("--jobs-endpoint", default=common.DEFAULT_JOBS, type=common.endpoint, help="ROUTER: jobs to sidecars")
+    p.add_argument("--results-endpoint", default=common.DEFAULT_RESULTS, type=common.endpoint, help="PULL: completions")
+    p.add_argument("--metrics-endpoint", default=common.DEFAULT_METRICS, type=common.endpoint, help="PUB: progress, metrics")
     p.add_argument("--min-workers", type=int, default=1,
                    help="wait for this many workers before dispatching (default: 1)")
     p.add_argument("--ready-wait", type=float, default=BrokerConfig.ready_wait_s, metavar="S",
@@ -247,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from broker.inputs import BatchFileError
     from broker.security import SecurityError
-    from broker.server import run
+    from broker.server import CannotListen, run
 
     try:
         return run(config, stop)
-    except (BatchFileError, SecurityError) as exc:
+    except (BatchFileError, SecurityError, CannotListen) as exc:
         logger.error(str(exc))
         return 2
     except Exception:

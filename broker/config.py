@@ -8,6 +8,7 @@ Endpoints (the broker binds, sidecars and reporters connect):
 
 from __future__ import annotations
 
+import argparse
 import os
 import select
 import signal
@@ -202,6 +203,32 @@ def parse_cpus(text: str) -> list[int]:
 
 def format_cpus(cpus: list[int]) -> str:
     return ",".join(str(cpu) for cpu in cpus)
+
+
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(text: str) -> str:
+    """A command-line log level: one of loguru's names, in any case."""
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+def endpoint(text: str) -> str:
+    """A command-line endpoint: tcp://HOST:PORT (port 1-65535) or ipc://PATH.
+
+    Checked up front: libzmq takes tcp://host:99999 without complaint and
+    then never connects.
+    """
+    if text.startswith("ipc://") and len(text) > len("ipc://"):
+        return text
+    if text.startswith("tcp://"):
+        host, _, port = text[len("tcp://"):].rpartition(":")
+        if host and port.isdigit() and 1 <= int(port) <= 65535:
+            return text
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number from 1 to 65535 (tcp://HOST:PORT)")
+    raise argparse.ArgumentTypeError(f"{text!r}: expected tcp://HOST:PORT or ipc://PATH")
 
 
 def derive_endpoint(endpoint: str, port_offset: int) -> str:

@@ -296,6 +296,10 @@ class Broker:
             self.results.close()
 
 
+class CannotListen(Exception):
+    """An endpoint could not be bound (taken, or not an address of this host)."""
+
+
 def run(config: BrokerConfig, stop: StopFlag) -> int:
     """Run one batch to the end; return the process exit code."""
     batch_id = uuid.uuid4().hex[:12]
@@ -340,9 +344,13 @@ def _serve(ctx: zmq.Context, broker: Broker, stop: StopFlag) -> int:
 def _serve_batch(broker: Broker, router, pull, pub, stop: StopFlag) -> int:
     cfg = broker.config
     with router, pull, pub:
-        router.bind(cfg.jobs_endpoint)
-        pull.bind(cfg.results_endpoint)
-        pub.bind(cfg.metrics_endpoint)
+        for sock, endpoint in ((router, cfg.jobs_endpoint), (pull, cfg.results_endpoint),
+                               (pub, cfg.metrics_endpoint)):
+            try:
+                sock.bind(endpoint)
+            except zmq.ZMQError as exc:
+                raise CannotListen(f"cannot listen on {endpoint}: {zmq.strerror(exc.errno)} "
+                                   "(another broker there? choose other endpoints)") from None
         broker.open_results()
         logger.info("listening: jobs {} results {} metrics {}", cfg.jobs_endpoint,
                     cfg.results_endpoint, cfg.metrics_endpoint)

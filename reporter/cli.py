@@ -15,7 +15,7 @@ from reporter.subscriber import ReporterConfig, run
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m reporter",
                       description="imgbus reporter: live progress and the console benchmark")
-    p.add_argument("--connect", default=common.DEFAULT_METRICS, metavar="ENDPOINT",
+    p.add_argument("--connect", default=common.DEFAULT_METRICS, type=common.endpoint, metavar="ENDPOINT",
                    help="the broker's metrics endpoint (default: %(default)s)")
     p.add_argument("--report-json", metavar="FILE", help="also write the final snapshot as JSON")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback broker without CURVE (only on a network you trust)")
     p.add_argument("--log-dir", default="logs", metavar="DIR")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="WARNING", type=common.log_level, metavar="LEVEL")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     return p
 

@@ -11,9 +11,9 @@ from broker.cli import OneLineParser
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m sidecar", description="imgbus sidecar: an image worker")
-    p.add_argument("--connect", default=common.DEFAULT_JOBS, metavar="ENDPOINT",
+    p.add_argument("--connect", default=common.DEFAULT_JOBS, type=common.endpoint, metavar="ENDPOINT",
                    help="the broker's jobs endpoint (default: %(default)s)")
-    p.add_argument("--results", metavar="ENDPOINT",
+    p.add_argument("--results", type=common.endpoint, metavar="ENDPOINT",
                    help="the broker's results endpoint (default: the jobs port + 1)")
     p.add_argument("--credit", type=int, default=2,
                    help="jobs this worker may hold at once, running and queued (default: 2)")
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noop", action="store_true",
                    help="benchmark mode: acknowledge jobs without touching any file")
     p.add_argument("--log-dir", default="logs", metavar="DIR")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=common.log_level, metavar="LEVEL")
     p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     return p
 

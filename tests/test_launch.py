@@ -116,6 +116,7 @@ def test_output_folder_inside_the_input_folder(tmp_path):
     (["/no/such/folder"], "input not found: /no/such/folder"),
     (["--resize", "longest"], "MODE:SIZE"),
     (["--workers", "0"], "at least 1"),
+    (["--log-level", "loud"], "'loud' is not one of TRACE, DEBUG, INFO"),
 ])
 def test_bad_usage_is_one_clear_line_and_exit_2(tmp_path, args, fragment):
     proc = run_launch([*args, "--log-dir", tmp_path / "logs"], timeout=30)
@@ -266,6 +267,26 @@ def test_a_standalone_sidecar_refuses_cpus_it_cannot_have(cpus):
     proc = subprocess.run(python_cmd("-m", "sidecar", "--cpus", cpus), cwd=ROOT, capture_output=True, text=True,
                           timeout=30, env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 2 and f"--cpus {cpus}" in proc.stderr
+
+
+@pytest.mark.parametrize("module, args, fragment", [
+    ("sidecar", ["--connect", "tcp://127.0.0.1:99999"], "the port must be a number from 1 to 65535"),
+    ("sidecar", ["--results", "tcp://127.0.0.1:abc"], "the port must be a number from 1 to 65535"),
+    ("reporter", ["--connect", "localhost:5559"], "expected tcp://HOST:PORT or ipc://PATH"),
+    ("broker", ["--jobs-endpoint", "tcp://:5557", "x"], "the port must be a number"),
+    ("reporter", ["--log-level", "chatty"], "'chatty' is not one of"),
+])
+def test_components_refuse_endpoints_and_levels_they_cannot_use(module, args, fragment):
+    proc = subprocess.run(python_cmd("-m", module, *args), cwd=ROOT, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_log_levels_are_taken_in_any_case(tmp_path):
+    proc = run_launch(["--log-level", "debug", "-o", tmp_path / "out", "--log-dir", tmp_path / "logs"])
+    assert proc.returncode == 0, proc.stderr
+    assert "DEBUG" in proc.stderr
 
 
 def test_bytes_transport_output_too_large_for_the_broker_fails_clearly(tmp_path):

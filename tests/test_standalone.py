@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import time
 
 import pyvips
@@ -309,3 +310,21 @@ def test_jobs_for_one_worker_travel_together_and_complete_one_by_one(tmp_path):
         assert len(os.listdir(tmp_path / "out")) == 40 - len(completed)  # the raw worker wrote nothing
     finally:
         stop(broker, *(p for p in [worker] if p))
+
+
+def test_a_second_broker_on_taken_ports_says_so_in_one_line(tmp_path):
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 2)
+    with zmq.Context() as ctx, ctx.socket(zmq.PULL) as taken:
+        taken.linger = 0
+        taken.bind(ep["results"])  # someone else is listening there
+        second = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--log-level", "ERROR"),
+                       stderr=subprocess.PIPE, text=True)
+        try:
+            _, stderr = second.communicate(timeout=60)
+        finally:
+            stop(second)
+    assert second.returncode == 2
+    assert f"cannot listen on {ep['results']}: Address already in use" in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "res.jsonl").exists()
