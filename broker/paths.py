@@ -70,7 +70,7 @@ def read_input(path: str, max_bytes: int = 0) -> bytes:
             if not stat.S_ISREG(info.st_mode):
                 raise PathError("input is not a regular file (a pipe, socket or device)")
             if max_bytes and info.st_size > max_bytes:
-                raise PathError(f"input is larger than the limit of {max_bytes / 1e6:.0f} MB (--max-image-mb)")
+                raise PathError(f"input is larger than the limit of {max_bytes / 1e6:.3g} MB (--max-image-mb)")
             if not max_bytes:
                 return f.read()
             # As much as fstat announced, plus a byte to notice growth: read()
@@ -79,7 +79,7 @@ def read_input(path: str, max_bytes: int = 0) -> bytes:
             if len(data) > info.st_size:  # it grew meanwhile: read on, up to the limit
                 data += f.read(max_bytes + 1 - len(data))
             if len(data) > max_bytes:
-                raise PathError(f"input is larger than the limit of {max_bytes / 1e6:.0f} MB (--max-image-mb)")
+                raise PathError(f"input is larger than the limit of {max_bytes / 1e6:.3g} MB (--max-image-mb)")
             return data
     except PathError:
         raise

@@ -227,8 +227,8 @@ def _decode(data: bytes, settings: Settings, max_pixels: int, staged: bool = Tru
     width, height = header.width, header.height
     if max_pixels and width * height > max_pixels:
         raise ImageError(
-            f"image too large: {width}x{height} is {width * height / 1e6:.0f} megapixels, "
-            f"over the limit of {max_pixels / 1e6:.0f} megapixels (--max-pixels)"
+            f"image too large: {width}x{height} is {width * height / 1e6:.3g} megapixels, "
+            f"over the limit of {max_pixels / 1e6:.3g} megapixels (--max-pixels)"
         )
     orientation = _get(header, "orientation", 1)
     if orientation in TRANSPOSED_ORIENTATIONS:
