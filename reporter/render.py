@@ -16,6 +16,11 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)} m {rest:.0f} s"
 
 
+def count(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def size(n: float) -> str:
     """Decimal units (1 KB = 1000 B), like the MB/s figures."""
     for unit in ("B", "KB", "MB", "GB"):
@@ -53,7 +58,7 @@ def _time(s: dict) -> list[str]:
         f"(plus {duration(s['startup_s'])} waiting for workers)",
         f"  Per image:             avg {duration(t['avg_s'])}   p50 {duration(t['p50_s'])}   "
         f"p95 {duration(t['p95_s'])}",
-        f"  Stages (avg):          {stages}   ({t.get('stages_timed', 0)} images timed)",
+        f"  Stages (avg):          {stages}   ({count(t.get('stages_timed', 0), 'image')} timed)",
         f"  Throughput:            {t['images_per_s']:.2f} images/s   {t['input_mb_per_s']:.2f} MB/s in",
     ]
 
@@ -99,7 +104,7 @@ def _optimization(s: dict) -> list[str]:
     ]
     for fmt, f in s["formats"].items():
         ratio = f["out"] / f["in"] if f["in"] else 0.0
-        lines.append(f"  {fmt + ':':<22} {f['count']} images   {size(f['in'])} -> {size(f['out'])}"
+        lines.append(f"  {fmt + ':':<22} {count(f['count'], 'image'):<10} {size(f['in'])} -> {size(f['out'])}"
                      f"   ratio {ratio:.3f}")
     return lines
 

@@ -44,3 +44,15 @@ def test_an_all_skipped_batch_says_there_was_nothing_to_do():
     assert line.startswith("[7/10  70.0%]") and "1.0 img/s" in line
     # Nor failures, as in the report's images/s: 4 finished in 2 s, one failed, one skipped.
     assert "1.0 img/s" in progress_line(wire.Progress("abc", 10, 4, 1, 0, 2, 2.0, skipped=1))
+
+
+def test_one_image_is_singular():
+    m = BatchMetrics("abc", total=3)
+    m.record_success("host-1", 0.2, 2000, 1000, "webp", False, {"decode": 0.1})
+    m.record_success("host-1", 0.2, 2000, 1000, "png", False, None)
+    m.record_success("host-1", 0.2, 2000, 1000, "png", False, None)
+    m.finish("done")
+    text = report(m.snapshot())
+    assert "webp:                  1 image    2.00 KB -> 1.00 KB" in text
+    assert "png:                   2 images   4.00 KB -> 2.00 KB" in text
+    assert "(1 image timed)" in text
