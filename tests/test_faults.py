@@ -32,6 +32,11 @@ def children(launcher: subprocess.Popen, module: str) -> list[int]:
             if f"--parent-pid {launcher.pid}" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
 
 
+def logs_of(tmp_path, component: str) -> str:
+    """Every log line the batch's ``component`` processes wrote."""
+    return "".join(p.read_text() for p in (tmp_path / "logs").glob(f"{component}-*.jsonl"))
+
+
 def wait_for_results(launcher: subprocess.Popen, path, lines: int = 1, timeout: float = 60) -> None:
     """Until the results file ``path`` has ``lines`` lines; fails if the launcher exits first."""
     deadline = time.monotonic() + timeout
@@ -60,7 +65,7 @@ def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
     assert 2 <= done < 40 and r["tasks"]["failed"] == 0
     assert len(r["unfinished"]) == 40 - done
     assert "(interrupted)" in stdout and "Not finished" in stdout
-    broker_log = "".join(p.read_text() for p in (tmp_path / "logs").glob("broker-*.jsonl"))
+    broker_log = logs_of(tmp_path, "broker")
     assert "SIGINT: no new jobs" in broker_log   # the user's Ctrl-C, by its name
     lines = [json.loads(l) for l in open(tmp_path / "res.jsonl")]
     assert len(lines) == 40 and sum(1 for l in lines if l.get("unfinished")) == 40 - done
@@ -120,7 +125,7 @@ def test_a_broker_paused_for_seconds_loses_no_completion(tmp_path):
     assert proc.returncode == 0, stderr
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["tasks"]["completed"] == 40 and r["tasks"]["failed"] == 0
-    broker_log = "".join(p.read_text() for p in (tmp_path / "logs").glob("broker-*.jsonl"))
+    broker_log = logs_of(tmp_path, "broker")
     assert "never came back" not in broker_log
 
 
@@ -189,7 +194,7 @@ def test_a_killed_worker_is_written_off_at_once_under_the_launcher(tmp_path):
     assert r["tasks"]["completed"] == 12 and r["tasks"]["failed"] == 0
     gone = f"{socket.gethostname()}-{victim}"
     assert gone in r["workers"]["dead"]
-    broker_log = "".join(p.read_text() for p in (tmp_path / "logs").glob("broker-*.jsonl"))
+    broker_log = logs_of(tmp_path, "broker")
     assert f"worker {gone} left: its process killed by SIGKILL" in broker_log
     assert "stopped responding" not in broker_log
 
@@ -315,7 +320,7 @@ def test_when_the_broker_dies_workers_write_nothing_more(tmp_path):
     time.sleep(0.5)
     # The images the workers were on are dropped, not written (before, each
     # worker went on through the jobs it held while the launcher waited).
-    worker_logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("sidecar-*.jsonl"))
+    worker_logs = logs_of(tmp_path, "sidecar")
     assert "abandoned" in worker_logs
     recorded = sum(1 for line in open(tmp_path / "res.jsonl") if json.loads(line).get("ok"))
     written = sum(1 for _, _, files in os.walk(out) for f in files if "imgbus-tmp" not in f)
