@@ -169,13 +169,11 @@ class Launcher:
                 # Once only: a second signal could land after the interpreter has
                 # put back the default handlers on its way out.
                 released = True
-                for proc in [self.broker, *self.workers]:
-                    _signal(proc, signal.SIGTERM)
+                _signal(self.broker, signal.SIGTERM)
                 if stop.count:
-                    # Interrupted: a job still running was reported unfinished,
-                    # so its worker must drop it rather than write it (a second
-                    # signal tells a worker to abandon its image).
-                    time.sleep(SIGNAL_GAP_S)
+                    # Interrupted: a job still running was reported unfinished.
+                    self.drop_images_in_hand()
+                else:
                     for proc in self.workers:
                         _signal(proc, signal.SIGTERM)
             if self.broker.poll() is not None:
@@ -183,12 +181,8 @@ class Launcher:
             stop.nap(SUPERVISE_EVERY_S)
         if not released:
             # The broker is gone before the end: nothing the workers still do
-            # would be recorded, so they drop it (two signals) and leave now.
-            for proc in self.workers:
-                _signal(proc, signal.SIGTERM)
-            time.sleep(SIGNAL_GAP_S)
-            for proc in self.workers:
-                _signal(proc, signal.SIGTERM)
+            # would be recorded.
+            self.drop_images_in_hand()
         if self.reporter.poll() is None:
             # The broker ended without the reporter seeing a final report.
             _wait_or_stop(self.reporter, 2.0)
@@ -201,6 +195,14 @@ class Launcher:
         if stop.count:
             return EXIT_INTERRUPTED
         return {0: EXIT_OK, 1: EXIT_FAILED, 2: EXIT_USAGE, 130: EXIT_INTERRUPTED}.get(code, EXIT_FAILED)
+
+    def drop_images_in_hand(self) -> None:
+        """Two stop signals: each worker drops its image unwritten and leaves."""
+        for proc in self.workers:
+            _signal(proc, signal.SIGTERM)
+        time.sleep(SIGNAL_GAP_S)
+        for proc in self.workers:
+            _signal(proc, signal.SIGTERM)
 
     def _replace_crashed_workers(self, asked_to_stop: bool) -> None:
         for worker in list(self.workers):

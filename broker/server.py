@@ -68,9 +68,9 @@ class Broker:
         # (say, its ports are taken) must not truncate someone's results file.
         self.results = None  # the open file; False once a write failed and it was given up on
         self._pending_lines: list[bytes] = []
-        # The broker's own files that could not be written (a full disk): the
+        # One of the broker's own files could not be written (a full disk): the
         # batch goes on, its exit status says something is missing.
-        self.unwritten: list[str] = []
+        self.file_lost = False
         self.first_ready: float | None = None
         self.dispatching = False
         self.last_worker_seen = time.monotonic()
@@ -285,7 +285,7 @@ class Broker:
         try:
             self.results.write(data)
         except OSError as exc:
-            self.unwritten.append(self.config.results_jsonl)
+            self.file_lost = True
             logger.error("cannot write {}: {}; the results lines from here on are lost (the batch goes on)",
                          self.config.results_jsonl, exc.strerror or exc)
             self.results.close()
@@ -367,9 +367,9 @@ def _serve_batch(broker: Broker, router, pull, pub, stop: StopFlag) -> int:
         try:
             _write_report(cfg.report_json, snapshot)
         except OSError as exc:
-            broker.unwritten.append(cfg.report_json)
+            broker.file_lost = True
             logger.error("cannot write the report {}: {}", cfg.report_json, exc.strerror or exc)
-        if broker.unwritten and code == EXIT_OK:
+        if broker.file_lost and code == EXIT_OK:
             code = EXIT_FAILED
         swept = sweep_temp_files(s.job.output for s in broker.dispatcher.jobs.values())
         if swept:
