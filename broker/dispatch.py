@@ -178,15 +178,23 @@ class Dispatcher:
 
     def unsend(self, worker_id: str, job_id: str) -> None:
         """The send failed: the job never left, put it back first in line."""
-        state = self.jobs[job_id]
+        if self.give_back(worker_id, job_id):
+            state = self.jobs[job_id]
+            state.sent_to = state.sent_to[:-1]
+
+    def give_back(self, worker_id: str, job_id: str) -> bool:
+        """The worker will not do this job (it never started it): first in line
+        again, no strike. False if the worker did not hold it."""
+        state = self.jobs.get(job_id)
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.held.discard(job_id)
-        if state.status == LEASED and state.worker == worker_id:
-            state.status, state.worker = QUEUED, None
-            state.sent_to = state.sent_to[:-1]
-            self.leased -= 1
-            self.queue.appendleft(job_id)
+        if state is None or state.status != LEASED or state.worker != worker_id:
+            return False
+        state.status, state.worker = QUEUED, None
+        self.leased -= 1
+        self.queue.appendleft(job_id)
+        return True
 
     def complete(self, job_id: str, worker_id: str, ok: bool) -> str:
         """Record a completion: 'new', 'duplicate', 'unknown' or 'unsent'.

@@ -122,6 +122,12 @@ class Broker:
         # watchdog giving up on a job) is a death like a crash.
         self._lose(msg.worker_id, msg.reason, culprit=msg.job_id, dead=msg.reason != wire.BYE_STOPPING)
 
+    def handle_dropped(self, msg: wire.Dropped) -> None:
+        if msg.batch_id != self.batch_id:
+            return
+        returned = sum(self.dispatcher.give_back(msg.worker_id, job_id) for job_id in msg.job_ids)
+        logger.info("worker {} dropped {} queued job(s) on our recall", msg.worker_id, returned)
+
     def handle_done(self, msg: wire.Done, now: float, payload: bytes | None = None) -> None:
         if msg.batch_id != self.batch_id:
             logger.warning("completion for another batch ({}) from {}; dropped", msg.batch_id, msg.worker_id)
@@ -410,6 +416,7 @@ def _loop(broker: Broker, router, pull, pub, stop: StopFlag) -> tuple[str, int]:
             broker.stopping_since = now
             logger.warning("{}: no new jobs; waiting up to {:g} s for the {} in flight",
                            stop.signal_name, cfg.grace_s, broker.dispatcher.leased)
+            _recall(broker, router)
         if broker.dispatching and not signals_seen:
             _dispatch(broker, router)
         if now - last_progress >= PROGRESS_EVERY_S:
@@ -454,7 +461,7 @@ def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:
             return
         identity = frames.pop(0) if from_router else None
         try:
-            expect = (wire.Ready,) if from_router else (wire.Done, wire.Heartbeat, wire.Bye)
+            expect = (wire.Ready,) if from_router else (wire.Done, wire.Heartbeat, wire.Bye, wire.Dropped)
             msg, payload = wire.decode_with_payload(frames, expect)
         except wire.WireError as exc:
             logger.warning("dropped a malformed message: {}", exc)
@@ -465,6 +472,8 @@ def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:
             broker.handle_done(msg, now, payload)
         elif isinstance(msg, wire.Heartbeat):
             broker.handle_heartbeat(msg, now)
+        elif isinstance(msg, wire.Dropped):
+            broker.handle_dropped(msg)
         else:
             broker.handle_bye(msg, now)
 
@@ -509,6 +518,21 @@ def _send_jobs(broker: Broker, router, worker_id: str, jobs: list[wire.Job], pay
     if reason:
         broker._lose(worker_id, reason)
     return False
+
+
+def _recall(broker: Broker, router) -> None:
+    """Ask every worker holding jobs to drop those it has not started.
+
+    A standalone sidecar would otherwise work through them after we have
+    recorded them unfinished, writing outputs no report counts.
+    """
+    recall = wire.encode(wire.Recall(broker.batch_id))
+    for worker in broker.dispatcher.workers.values():
+        if worker.held:
+            try:
+                send_frames(router, [worker.id.encode(), *recall], nowait=True)
+            except zmq.ZMQError:  # full or gone: its jobs stay unfinished either way
+                logger.warning("could not ask worker {} to drop its queued jobs", worker.id)
 
 
 def _linger(pub, broker: Broker, snapshot: dict, stop: StopFlag) -> None:

@@ -11,6 +11,8 @@ bytes transport, ``job`` and ``done`` carry the image as a third frame, raw
     ready       sidecar   -> ventilator             DEALER -> ROUTER
     job         ventilator -> sidecar               ROUTER -> DEALER
     jobs        ventilator -> sidecar (several)     ROUTER -> DEALER
+    recall      ventilator -> sidecar (stopping)    ROUTER -> DEALER
+    dropped     sidecar   -> sink (recall answered) PUSH   -> PULL
     done        sidecar   -> sink   (completion)    PUSH   -> PULL
     heartbeat   sidecar   -> sink                   PUSH   -> PULL
     bye         sidecar   -> sink                   PUSH   -> PULL
@@ -84,6 +86,28 @@ class Jobs:
 
 
 @dataclass(slots=True)
+class Recall:
+    """The broker is stopping: drop this batch's jobs not yet started.
+
+    Sent on the jobs socket, so it arrives after every job it recalls. The
+    image a worker is on is finished and reported (the broker waits for it).
+    """
+
+    KIND: typing.ClassVar[bytes] = b"recall"
+    batch_id: str
+
+
+@dataclass(slots=True)
+class Dropped:
+    """A sidecar's answer to a recall: the jobs it dropped without starting."""
+
+    KIND: typing.ClassVar[bytes] = b"dropped"
+    worker_id: str
+    batch_id: str
+    job_ids: list[str]
+
+
+@dataclass(slots=True)
 class Done:
     """A completion: the outcome of one job, reported by the worker that did it."""
 
@@ -154,9 +178,9 @@ class Metrics:
     snapshot: dict
 
 
-MESSAGE_TYPES = (Ready, Job, Jobs, Done, Heartbeat, Bye, Progress, Metrics)
+MESSAGE_TYPES = (Ready, Job, Jobs, Recall, Dropped, Done, Heartbeat, Bye, Progress, Metrics)
 BY_KIND = {cls.KIND: cls for cls in MESSAGE_TYPES}
-Message = Ready | Job | Jobs | Done | Heartbeat | Bye | Progress | Metrics
+Message = Ready | Job | Jobs | Recall | Dropped | Done | Heartbeat | Bye | Progress | Metrics
 
 
 def _accepted_types(hint) -> frozenset[type]:
@@ -179,6 +203,7 @@ def _accepted_types(hint) -> frozenset[type]:
 # What a type check alone cannot say about a value.
 NON_NEGATIVE = "a number, never negative"
 NON_NEGATIVE_NUMBERS = "a dict of non-negative numbers"
+STRINGS = "a list of strings"
 # No count, size or duration in the protocol comes near this (a terabyte, or
 # 35 000 years in seconds), and sums of millions of them still fit the 64-bit
 # integers JSON writers take. It also rules out inf and nan.
@@ -189,7 +214,8 @@ def _value_check(hint) -> str | type | None:
     if typing.get_origin(hint) is dict:
         return NON_NEGATIVE_NUMBERS
     if typing.get_origin(hint) is list:
-        return typing.get_args(hint)[0]  # a list of messages, each checked as one
+        item = typing.get_args(hint)[0]
+        return STRINGS if item is str else item  # a list of messages: each checked as one
     accepted = _accepted_types(hint)
     return NON_NEGATIVE if int in accepted or float in accepted else None
 
@@ -318,6 +344,11 @@ def _build(cls, schema: _Schema, body: dict, where: str):
                                     f"{'negative' if value < 0 else 'out of range'}")
             elif check is NON_NEGATIVE_NUMBERS:
                 _check_numbers(where, name, value)
+            elif check is STRINGS:
+                if not value:
+                    raise WireError(f"{where}: {name} is empty")
+                if any(type(item) is not str for item in value):
+                    raise WireError(f"{where}: field {name!r} must be a list of strings")
             else:
                 value = _build_list(check, value, f"{where}: {name}")
         values[name] = value

@@ -1,7 +1,7 @@
 """The sidecar process: takes jobs, optimizes images, reports completions.
 
 Sockets (all connect to the broker):
-  jobs     DEALER  out: ready (our credit; again whenever idle)   in: job, jobs
+  jobs     DEALER  out: ready (our credit; again whenever idle)   in: job, jobs, recall
   results  PUSH    out: done (one per job, with our worker id), bye
   results  PUSH    out: heartbeat, from the heartbeat thread's own socket
 
@@ -22,6 +22,7 @@ import resource
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import zmq
@@ -243,6 +244,51 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
     return 0
 
 
+class Inbox:
+    """Jobs received and not yet started, in order, with their payloads.
+
+    Everything waiting on the jobs socket is taken in before each job (at
+    most every CHECK_EVERY_S for very short jobs), so a recall from a
+    stopping broker drops the jobs queued behind the current image.
+    """
+
+    CHECK_EVERY_S = 0.005
+
+    def __init__(self, dealer, worker_id: str, answer_recall):
+        self.dealer, self.worker_id = dealer, worker_id
+        self.answer_recall = answer_recall  # sends the wire.Dropped it is given
+        self.pending: deque[tuple[wire.Job, bytes | None]] = deque()
+        self.checked = 0.0
+
+    def take_in(self, now: float) -> None:
+        if self.pending and now - self.checked < self.CHECK_EVERY_S:
+            return
+        self.checked = now
+        while True:
+            try:
+                frames = recv_frames(self.dealer, nowait=True)
+            except zmq.Again:
+                return
+            try:
+                msg, payload = wire.decode_with_payload(frames, (wire.Job, wire.Jobs, wire.Recall))
+            except wire.WireError as exc:
+                logger.warning("dropped a malformed message: {}", exc)
+                continue
+            if type(msg) is wire.Jobs:
+                self.pending.extend((job, None) for job in msg.jobs)
+            elif type(msg) is wire.Job:
+                self.pending.append((msg, payload))
+            else:
+                self.recall(msg.batch_id)
+
+    def recall(self, batch_id: str) -> None:
+        dropped = [job.job_id for job, _ in self.pending if job.batch_id == batch_id]
+        self.pending = deque(item for item in self.pending if item[0].batch_id != batch_id)
+        logger.info("broker stopping batch {}: dropped {} queued job(s)", batch_id, len(dropped))
+        if dropped:
+            self.answer_recall(wire.Dropped(self.worker_id, batch_id, dropped))
+
+
 def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> None:
     credit = Credit(config.credit)
 
@@ -254,12 +300,11 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
     last_job = time.monotonic()
     handled = 0
     reported_peak = 0.0
+    inbox = Inbox(dealer, config.worker_id, answer_recall=lambda dropped: _send(push, dropped))
     poller = stop.poller(dealer)
     while not stop and not stop.parent_gone():
-        try:
-            # Jobs already queued are taken without polling first.
-            frames = recv_frames(dealer, nowait=True)
-        except zmq.Again:
+        inbox.take_in(time.monotonic())
+        if not inbox.pending:
             if dealer not in dict(poller.poll(POLL_MS)):
                 stop.drain()
                 if time.monotonic() - last_job >= config.idle_ready_s:
@@ -269,37 +314,31 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
                     release_memory()
                     last_job = time.monotonic()
             continue
+        # On a stop signal the jobs still pending go back to the broker's
+        # queue when it hears our bye.
+        job, payload = inbox.pending.popleft()
+        started = time.monotonic()
+        busy.job = (job.job_id, started)
+        if config.noop:
+            done, encoded = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none"), None
+        else:
+            done, encoded = process(job, config, payload, abandon=lambda: stop.count > 1, staged=job.timed)
+        busy.job = None
+        if done is None:
+            continue  # abandoned: the broker records it unfinished
+        peak = peak_mb()
+        if peak > reported_peak:
+            # Heartbeats carry memory too, but a batch may end before the first.
+            done, reported_peak = dataclasses.replace(done, peak_rss_mb=peak), peak
         try:
-            msg, payload = wire.decode_with_payload(frames, (wire.Job, wire.Jobs))
-        except wire.WireError as exc:
-            logger.warning("dropped a malformed message: {}", exc)
-            continue
-        for job in (msg.jobs if type(msg) is wire.Jobs else (msg,)):
-            if stop:
-                break  # the rest go back to the queue when the broker hears our bye
-            started = time.monotonic()
-            busy.job = (job.job_id, started)
-            if config.noop:
-                done, encoded = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none"), None
-            else:
-                done, encoded = process(job, config, payload, abandon=lambda: stop.count > 1,
-                                        staged=job.timed)
-            busy.job = None
-            if done is None:
-                break  # abandoned: the broker records it unfinished
-            peak = peak_mb()
-            if peak > reported_peak:
-                # Heartbeats carry memory too, but a batch may end before the first.
-                done, reported_peak = dataclasses.replace(done, peak_rss_mb=peak), peak
-            try:
-                send_frames(push, wire.encode(done, encoded), copy=encoded is None)
-            except zmq.Again:
-                logger.error("broker unreachable: completion of {} not delivered", job.job_id)
-            if done.in_bytes >= TRIM_AFTER_BYTES and memory_mb()[0] > TRIM_ABOVE_MB:
-                release_memory()
-            handled += 1
-            last_job = time.monotonic()
-            if credit.update(last_job - started):
-                announce()
+            send_frames(push, wire.encode(done, encoded), copy=encoded is None)
+        except zmq.Again:
+            logger.error("broker unreachable: completion of {} not delivered", job.job_id)
+        if done.in_bytes >= TRIM_AFTER_BYTES and memory_mb()[0] > TRIM_ABOVE_MB:
+            release_memory()
+        handled += 1
+        last_job = time.monotonic()
+        if credit.update(last_job - started):
+            announce()
     logger.info("worker {} stopping after {} jobs ({})", config.worker_id, handled,
                 stop.signal_name or "launcher exited")

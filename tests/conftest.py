@@ -86,6 +86,19 @@ def stop(*procs, timeout=10.0) -> None:
             proc.wait()
 
 
+def logs_of(tmp_path, component: str) -> str:
+    """Every log line ``component`` processes wrote under ``tmp_path/logs``."""
+    return "".join(p.read_text() for p in (tmp_path / "logs").glob(f"{component}-*.jsonl"))
+
+
+def wait_for_results(proc: subprocess.Popen, path, lines: int = 1, timeout: float = 60) -> None:
+    """Until the results file ``path`` has ``lines`` lines; fails if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() or len(path.read_text().splitlines()) < lines:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+
+
 def children_of(pid: int) -> list[int]:
     """Live processes whose parent is ``pid`` (from /proc)."""
     found = []

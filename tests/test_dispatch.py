@@ -157,6 +157,18 @@ def test_unsend_puts_the_job_back_in_front():
     assert d.queue[0] == job.job_id and d.jobs[job.job_id].status == QUEUED and d.leased == 0
 
 
+def test_a_job_given_back_unstarted_is_first_in_line_with_no_strike():
+    d = Dispatcher(jobs(3))
+    d.register("a", 2, 0.0)
+    (_, first), (_, second) = drain(d)
+    assert d.give_back("a", second.job_id) and not d.give_back("a", second.job_id)
+    assert not d.give_back("ghost", first.job_id) and not d.give_back("a", "nope")
+    state = d.jobs[second.job_id]
+    assert d.queue[0] == second.job_id and state.status == QUEUED and state.strikes == 0
+    assert d.leased == 1 and d.workers["a"].held == {first.job_id}
+    assert d.complete(first.job_id, "a", True) == "new"
+
+
 def test_silent_and_overdue_workers():
     d = Dispatcher(jobs(1))
     d.register("a", 1, 0.0)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, make_photo, processes_matching
+from conftest import ROOT, logs_of, make_photo, processes_matching, wait_for_results
 
 
 def photos(tmp_path, n, width, height):
@@ -30,19 +30,6 @@ def children(launcher: subprocess.Popen, module: str) -> list[int]:
     """The launcher's processes running ``python -m module``."""
     return [pid for pid in processes_matching(f"-m {module}")
             if f"--parent-pid {launcher.pid}" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
-
-
-def logs_of(tmp_path, component: str) -> str:
-    """Every log line the batch's ``component`` processes wrote."""
-    return "".join(p.read_text() for p in (tmp_path / "logs").glob(f"{component}-*.jsonl"))
-
-
-def wait_for_results(launcher: subprocess.Popen, path, lines: int = 1, timeout: float = 60) -> None:
-    """Until the results file ``path`` has ``lines`` lines; fails if the launcher exits first."""
-    deadline = time.monotonic() + timeout
-    while not path.exists() or len(path.read_text().splitlines()) < lines:
-        assert time.monotonic() < deadline and launcher.poll() is None
-        time.sleep(0.05)
 
 
 def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):

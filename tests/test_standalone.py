@@ -2,13 +2,15 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import time
 
 import pyvips
 import zmq
 
-from conftest import make_photo, start, stop, tcp_endpoints
+from conftest import logs_of, make_photo, start, stop, tcp_endpoints, wait_for_results
 
 
 def folder_of_photos(root, n, size=(400, 300)):
@@ -328,3 +330,29 @@ def test_a_second_broker_on_taken_ports_says_so_in_one_line(tmp_path):
     assert f"cannot listen on {ep['results']}: Address already in use" in stderr
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "res.jsonl").exists()
+
+
+def test_ctrl_c_to_a_standalone_broker_recalls_the_jobs_queued_at_its_workers(tmp_path):
+    """The sidecar finishes the image it is on and drops the ones queued behind it.
+
+    With a grace shorter than the queue, a sidecar that worked through its
+    queue would write outputs the broker had already recorded unfinished.
+    """
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 20, (2400, 1800))
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--format", "webp", "--grace", 1.5))
+    worker = sidecar(ep, tmp_path, "--credit", 4)
+    try:
+        wait_for_results(broker, tmp_path / "res.jsonl")
+        broker.send_signal(signal.SIGINT)
+        assert broker.wait(30) == 130
+        time.sleep(2.0)  # what the sidecar would still write, it writes now
+        assert worker.poll() is None  # and it stays, for the next batch
+        lines = [json.loads(line) for line in (tmp_path / "res.jsonl").read_text().splitlines()]
+        done = sorted(os.path.basename(r["output"]) for r in lines if r["ok"])
+        unfinished = [r for r in lines if r.get("unfinished")]
+        assert len(lines) == 20 and len(done) + len(unfinished) == 20
+        assert sorted(os.listdir(tmp_path / "out")) == done  # every output recorded
+        assert re.search(r"dropped [1-9][0-9]* queued job", logs_of(tmp_path, "sidecar"))
+    finally:
+        stop(broker, worker)

@@ -11,6 +11,8 @@ def test_every_kind_round_trips():
         wire.Ready("h-1", "h", 1, 2),
         wire.Job("j1", "b1", "/in/a.jpg", "/out/a.webp", {"format": "webp"}, attempt=2, max_pixels=10),
         wire.Jobs([wire.Job("j1", "b1", "/in/a.jpg", "/out/a.jpg", {}), wire.Job("j2", "b1", "/b", "/c", {})]),
+        wire.Recall("b1"),
+        wire.Dropped("h-1", "b1", ["j2", "j3"]),
         wire.Done("j1", "b1", "h-1", True, None, 10, 5, 4, 3, "webp", False, 0.5, {"decode": 0.1}),
         wire.Heartbeat("h-1", "j1", 1.5),
         wire.Bye("h-1", "stopping"),
@@ -111,6 +113,18 @@ def test_payload_travels_as_a_raw_third_frame():
         wire.encode(wire.Heartbeat("w"), b"x")
     with pytest.raises(wire.WireError, match="expected 2 frames"):
         wire.decode_with_payload([b"heartbeat", frames[1], b"x"])
+
+
+@pytest.mark.parametrize("job_ids, fragment", [
+    ([], r"^dropped: job_ids is empty$"),
+    ("j1", r"^dropped: field 'job_ids' has type str$"),
+    (["j1", 2], r"^dropped: field 'job_ids' must be a list of strings$"),
+    (["j1", None], r"^dropped: field 'job_ids' must be a list of strings$"),
+])
+def test_a_dropped_list_holds_job_ids_only(job_ids, fragment):
+    body = {"v": 1, "worker_id": "w", "batch_id": "b", "job_ids": job_ids}
+    with pytest.raises(wire.WireError, match=fragment):
+        wire.decode([b"dropped", orjson.dumps(body)])
 
 
 @pytest.mark.parametrize("body, fragment", [
