@@ -60,8 +60,10 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_broker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs-endpoint", default=common.DEFAULT_JOBS, type=common.endpoint, help="ROUTER: jobs to sidecars")
-    p.add_argument("--results-endpoint", default=common.DEFAULT_RESULTS, type=common.endpoint, help="PULL: completions")
-    p.add_argument("--metrics-endpoint", default=common.DEFAULT_METRICS, type=common.endpoint, help="PUB: progress, metrics")
+    p.add_argument("--results-endpoint", type=common.endpoint,
+                   help="PULL: completions (default: the jobs port + 1, where sidecars look for it)")
+    p.add_argument("--metrics-endpoint", type=common.endpoint,
+                   help="PUB: progress, metrics (default: the jobs port + 2)")
     p.add_argument("--min-workers", type=int, default=1,
                    help="wait for this many workers before dispatching (default: 1)")
     p.add_argument("--ready-wait", type=float, default=BrokerConfig.ready_wait_s, metavar="S",
@@ -143,6 +145,13 @@ def batch_config_from_args(args) -> dict:
     )
 
 
+def _next_to_jobs(jobs_endpoint: str, offset: int) -> str:
+    try:
+        return common.derive_endpoint(jobs_endpoint, offset)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; give --results-endpoint and --metrics-endpoint") from None
+
+
 def config_from_args(args) -> BrokerConfig:
     for flag in ("ready_wait", "grace", "linger"):
         if getattr(args, flag) < 0:
@@ -155,8 +164,8 @@ def config_from_args(args) -> BrokerConfig:
     return BrokerConfig(
         **batch_config_from_args(args),
         jobs_endpoint=args.jobs_endpoint,
-        results_endpoint=args.results_endpoint,
-        metrics_endpoint=args.metrics_endpoint,
+        results_endpoint=args.results_endpoint or _next_to_jobs(args.jobs_endpoint, 1),
+        metrics_endpoint=args.metrics_endpoint or _next_to_jobs(args.jobs_endpoint, 2),
         min_workers=args.min_workers,
         ready_wait_s=args.ready_wait,
         heartbeat_timeout_s=args.heartbeat_timeout,

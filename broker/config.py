@@ -27,10 +27,10 @@ from broker.settings import Settings
 # start-up time of the whole pipeline.
 
 DEFAULT_HOST = "127.0.0.1"
-JOBS_PORT, RESULTS_PORT, METRICS_PORT = 5557, 5558, 5559
+# Results and metrics listen next to the jobs port (+1, +2) unless told otherwise.
+JOBS_PORT = 5557
 DEFAULT_JOBS = f"tcp://{DEFAULT_HOST}:{JOBS_PORT}"
-DEFAULT_RESULTS = f"tcp://{DEFAULT_HOST}:{RESULTS_PORT}"
-DEFAULT_METRICS = f"tcp://{DEFAULT_HOST}:{METRICS_PORT}"
+DEFAULT_METRICS = f"tcp://{DEFAULT_HOST}:{JOBS_PORT + 2}"
 
 # Linger: job and result sockets get a short grace to flush, PUB none.
 LINGER_MS = 1000
@@ -235,6 +235,8 @@ def derive_endpoint(endpoint: str, port_offset: int) -> str:
     """The endpoint next to ``endpoint``: tcp port + offset, or a sibling ipc path."""
     if endpoint.startswith("tcp://"):
         host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if int(port) + port_offset > 65535:
+            raise ValueError(f"no port {int(port) + port_offset} next to {endpoint}")
         return f"tcp://{host}:{int(port) + port_offset}"
     if endpoint.startswith("ipc://"):
         return f"{endpoint}.{port_offset}"

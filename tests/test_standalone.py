@@ -1,16 +1,18 @@
 """Each component started on its own over TCP loopback, in awkward orders."""
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 
 import pyvips
 import zmq
 
-from conftest import logs_of, make_photo, start, stop, tcp_endpoints, wait_for_results
+from conftest import free_port, logs_of, make_photo, start, stop, tcp_endpoints, wait_for_results
 
 
 def folder_of_photos(root, n, size=(400, 300)):
@@ -356,3 +358,44 @@ def test_ctrl_c_to_a_standalone_broker_recalls_the_jobs_queued_at_its_workers(tm
         assert re.search(r"dropped [1-9][0-9]* queued job", logs_of(tmp_path, "sidecar"))
     finally:
         stop(broker, worker)
+
+
+def three_free_ports_in_a_row() -> int:
+    for _ in range(100):
+        first = free_port()
+        if first > 65533:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in (first, first + 1, first + 2):
+                    held.enter_context(socket.create_server(("127.0.0.1", port)))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError("no three free ports in a row")
+
+
+def test_given_only_a_jobs_port_every_component_finds_the_others_next_to_it(tmp_path):
+    """Results on the jobs port + 1 (where sidecars look), metrics on + 2."""
+    port = three_free_ports_in_a_row()
+    src = folder_of_photos(tmp_path / "in", 6)
+    broker = start("broker", src, "-o", tmp_path / "out", "--jobs-endpoint", f"tcp://127.0.0.1:{port}",
+                   "--log-dir", tmp_path / "logs", "--linger", 5)
+    worker = start("sidecar", "--connect", f"tcp://127.0.0.1:{port}", "--log-dir", tmp_path / "logs",
+                   "--input-root", tmp_path / "in", "--output-root", tmp_path / "out")
+    reporter = start("reporter", "--connect", f"tcp://127.0.0.1:{port + 2}", "--log-dir", tmp_path / "logs",
+                     stdout=subprocess.PIPE, text=True)
+    try:
+        assert broker.wait(60) == 0
+        out, _ = reporter.communicate(timeout=30)
+        assert "Finished/total:        6/6" in out
+        assert len(os.listdir(tmp_path / "out")) == 6
+    finally:
+        stop(broker, worker, reporter)
+
+
+def test_a_jobs_port_with_no_room_after_it_is_a_usage_error():
+    broker = start("broker", "samples", "-o", "/nonexistent", "--jobs-endpoint", "tcp://127.0.0.1:65535",
+                   stderr=subprocess.PIPE, text=True)
+    _, err = broker.communicate(timeout=30)
+    assert broker.returncode == 2 and "no port 65536 next to tcp://127.0.0.1:65535" in err
