@@ -233,7 +233,11 @@ class Broker:
         return lost
 
     def _record_lost(self, lost: Lost, what: str) -> None:
-        if lost.requeued:
+        if lost.requeued and self.stopping_since is not None:
+            # Stopping: nothing is sent again, so these stay unfinished.
+            logger.info("worker {} {}; its {} unstarted job(s) stay unfinished", lost.worker_id, what,
+                        len(lost.requeued))
+        elif lost.requeued:
             self.metrics.redelivered += len(lost.requeued)
             logger.warning("worker {} {}; redelivering {} job(s)", lost.worker_id, what, len(lost.requeued))
         for job_id, error in lost.failed:
@@ -362,6 +366,8 @@ def _serve_batch(broker: Broker, router, pull, pub, stop: StopFlag) -> int:
                     cfg.results_endpoint, cfg.metrics_endpoint)
         state, code = _loop(broker, router, pull, pub, stop)
         if state == "interrupted":
+            if broker.dispatcher.leased:
+                _recall(broker, router, in_hand=True)  # we stop waiting: none of them may be written
             _settle(broker, pull)
             broker.note_unfinished()
         now = time.monotonic()
@@ -520,19 +526,26 @@ def _send_jobs(broker: Broker, router, worker_id: str, jobs: list[wire.Job], pay
     return False
 
 
-def _recall(broker: Broker, router) -> None:
-    """Ask every worker holding jobs to drop those it has not started.
+def _recall(broker: Broker, router, in_hand: bool = False) -> None:
+    """Ask every worker to drop the jobs it has not started.
 
     A standalone sidecar would otherwise work through them after we have
-    recorded them unfinished, writing outputs no report counts.
+    recorded them unfinished, writing outputs no report counts. A worker
+    written off (one only paused, say) is also told to drop its image in
+    hand, whose job we took back; ``in_hand`` tells every worker, once we
+    stop waiting.
     """
-    recall = wire.encode(wire.Recall(broker.batch_id))
-    for worker in broker.dispatcher.workers.values():
-        if worker.held:
-            try:
-                send_frames(router, [worker.id.encode(), *recall], nowait=True)
-            except zmq.ZMQError:  # full or gone: its jobs stay unfinished either way
-                logger.warning("could not ask worker {} to drop its queued jobs", worker.id)
+    live = broker.dispatcher.workers
+    # Every worker ever sent a job, written-off ones too: a worker that was
+    # only paused still holds its queue and would work through it.
+    sent_to = {worker_id for state in broker.dispatcher.jobs.values() for worker_id in state.sent_to}
+    for worker_id in sorted(sent_to):
+        recall = wire.Recall(broker.batch_id, in_hand=in_hand or worker_id not in live)
+        try:
+            send_frames(router, [worker_id.encode(), *wire.encode(recall)], nowait=True)
+        except zmq.ZMQError as exc:  # full, or gone (EHOSTUNREACH) with its queue
+            if exc.errno != zmq.EHOSTUNREACH:
+                logger.warning("could not ask worker {} to drop its queued jobs", worker_id)
 
 
 def _linger(pub, broker: Broker, snapshot: dict, stop: StopFlag) -> None:

@@ -90,11 +90,13 @@ class Recall:
     """The broker is stopping: drop this batch's jobs not yet started.
 
     Sent on the jobs socket, so it arrives after every job it recalls. The
-    image a worker is on is finished and reported (the broker waits for it).
+    image a worker is on is finished and reported (the broker waits for it),
+    unless ``in_hand``: the broker no longer waits, so it must not be written.
     """
 
     KIND: typing.ClassVar[bytes] = b"recall"
     batch_id: str
+    in_hand: bool = False
 
 
 @dataclass(slots=True)

@@ -83,9 +83,14 @@ class Credit:
         self.avg_s: float | None = None
 
     def update(self, elapsed_s: float) -> bool:
-        """Fold in one job's time; True when the credit should be re-announced."""
+        """Fold in one job's time; True when the credit should be re-announced.
+
+        The configured credit is the floor: it grows only when more than one
+        job fits in QUEUED_WORK_S (so --credit 1 stays 1 for real images).
+        """
         self.avg_s = elapsed_s if self.avg_s is None else 0.9 * self.avg_s + 0.1 * elapsed_s
-        wanted = min(self.MAX, max(self.base, 1 + math.ceil(self.QUEUED_WORK_S / max(self.avg_s, 1e-6))))
+        queued = math.ceil(self.QUEUED_WORK_S / max(self.avg_s, 1e-6))
+        wanted = min(self.MAX, max(self.base, 1 + queued)) if queued > 1 else self.base
         if wanted >= 2 * self.value or wanted <= self.value // 2:
             self.value = wanted
             return True
@@ -259,9 +264,10 @@ class Inbox:
         self.answer_recall = answer_recall  # sends the wire.Dropped it is given
         self.pending: deque[tuple[wire.Job, bytes | None]] = deque()
         self.checked = 0.0
+        self.given_up: set[str] = set()  # batches whose image in hand is not to be written
 
-    def take_in(self, now: float) -> None:
-        if self.pending and now - self.checked < self.CHECK_EVERY_S:
+    def take_in(self, now: float, always: bool = False) -> None:
+        if self.pending and now - self.checked < self.CHECK_EVERY_S and not always:
             return
         self.checked = now
         while True:
@@ -280,6 +286,13 @@ class Inbox:
                 self.pending.append((msg, payload))
             else:
                 self.recall(msg.batch_id)
+                if msg.in_hand:
+                    self.given_up.add(msg.batch_id)
+
+    def gives_up(self, batch_id: str) -> bool:
+        """Has the broker stopped waiting for this batch's image in hand?"""
+        self.take_in(time.monotonic(), always=True)
+        return batch_id in self.given_up
 
     def recall(self, batch_id: str) -> None:
         dropped = [job.job_id for job, _ in self.pending if job.batch_id == batch_id]
@@ -322,7 +335,8 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
         if config.noop:
             done, encoded = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none"), None
         else:
-            done, encoded = process(job, config, payload, abandon=lambda: stop.count > 1, staged=job.timed)
+            done, encoded = process(job, config, payload, staged=job.timed,
+                                    abandon=lambda: stop.count > 1 or inbox.gives_up(job.batch_id))
         busy.job = None
         if done is None:
             continue  # abandoned: the broker records it unfinished

@@ -197,3 +197,17 @@ def test_only_a_worker_the_job_was_sent_to_can_complete_it():
     worker, job = d.next_assignment()
     d.unsend(worker, job.job_id)
     assert d.complete(job.job_id, "b", True) == "unsent"
+
+
+def test_a_worker_asks_for_more_only_when_its_jobs_are_short():
+    from sidecar.worker import Credit
+
+    one = Credit(1)
+    assert not one.update(5.0) and one.value == 1          # --credit 1: one image at a time
+    short = Credit(2)
+    for _ in range(5):
+        short.update(0.001)
+    assert short.value == 21                               # 20 ms of queued work, plus the running one
+    for _ in range(100):
+        short.update(3.0)
+    assert short.value == 2                                # back to the floor for big images

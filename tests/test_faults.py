@@ -50,6 +50,7 @@ def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
     assert r["state"] == "interrupted"
     done = r["tasks"]["completed"] + r["tasks"]["failed"]
     assert 2 <= done < 40 and r["tasks"]["failed"] == 0
+    assert r["tasks"]["redelivered"] == 0  # the stopping workers' queued jobs went nowhere
     assert len(r["unfinished"]) == 40 - done
     assert "(interrupted)" in stdout and "Not finished" in stdout
     broker_log = logs_of(tmp_path, "broker")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 
+import pytest
 import pyvips
 import zmq
 
@@ -334,15 +335,17 @@ def test_a_second_broker_on_taken_ports_says_so_in_one_line(tmp_path):
     assert not (tmp_path / "res.jsonl").exists()
 
 
-def test_ctrl_c_to_a_standalone_broker_recalls_the_jobs_queued_at_its_workers(tmp_path):
-    """The sidecar finishes the image it is on and drops the ones queued behind it.
+@pytest.mark.parametrize("grace", [1.5, 0])
+def test_ctrl_c_to_a_standalone_broker_recalls_the_jobs_queued_at_its_workers(tmp_path, grace):
+    """The sidecar drops the jobs queued behind its image, and the image
+    itself if the grace ends first.
 
     With a grace shorter than the queue, a sidecar that worked through its
     queue would write outputs the broker had already recorded unfinished.
     """
     ep = tcp_endpoints()
     src = folder_of_photos(tmp_path / "in", 20, (2400, 1800))
-    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--format", "webp", "--grace", 1.5))
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--format", "webp", "--grace", grace))
     worker = sidecar(ep, tmp_path, "--credit", 4)
     try:
         wait_for_results(broker, tmp_path / "res.jsonl")
@@ -399,3 +402,31 @@ def test_a_jobs_port_with_no_room_after_it_is_a_usage_error():
                    stderr=subprocess.PIPE, text=True)
     _, err = broker.communicate(timeout=30)
     assert broker.returncode == 2 and "no port 65536 next to tcp://127.0.0.1:65535" in err
+
+
+def test_a_worker_written_off_while_paused_gets_the_recall_too(tmp_path):
+    """Paused past the heartbeat timeout, a worker is written off with its queue;
+    resumed after a Ctrl-C to the broker, it must not work through that queue."""
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 20, (2400, 1800))
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--format", "webp",
+                               "--heartbeat-timeout", 1, "--min-workers", 2))
+    paused = sidecar(ep, tmp_path, "--credit", 4)
+    other = sidecar(ep, tmp_path)
+    try:
+        wait_for_results(broker, tmp_path / "res.jsonl")
+        paused.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while "stopped responding" not in logs_of(tmp_path, "broker"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        broker.send_signal(signal.SIGINT)
+        assert broker.wait(30) == 130
+        paused.send_signal(signal.SIGCONT)
+        time.sleep(3.0)  # what the resumed worker would still write, it writes now
+        lines = [json.loads(line) for line in (tmp_path / "res.jsonl").read_text().splitlines()]
+        done = sorted(os.path.basename(r["output"]) for r in lines if r["ok"])
+        assert len(lines) == 20 and sorted(os.listdir(tmp_path / "out")) == done
+    finally:
+        paused.send_signal(signal.SIGCONT)
+        stop(broker, paused, other)
