@@ -217,7 +217,8 @@ def _value_check(hint) -> str | type | None:
         return NON_NEGATIVE_NUMBERS
     if typing.get_origin(hint) is list:
         item = typing.get_args(hint)[0]
-        return STRINGS if item is str else item  # a list of messages: each checked as one
+        # Job ids, or messages (each checked as one).
+        return STRINGS if item is str else item
     accepted = _accepted_types(hint)
     return NON_NEGATIVE if int in accepted or float in accepted else None
 
