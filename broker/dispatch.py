@@ -8,7 +8,9 @@ holding nothing. Every job handed out is a lease held by that worker until
 its completion arrives. When a worker is lost (it said bye, its heartbeats
 stopped, or its address vanished), its leases go back to the front of the
 queue; the job it was busy with gets a strike, and a job with
-``max_attempts`` strikes fails instead of killing more workers.
+``max_attempts`` strikes fails instead of killing more workers. A job a
+worker refuses (its files are outside that worker's folders) waits for a
+worker that has not refused it, and fails only once every live worker has.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class JobState:
     strikes: int = 0
     leased_at: float = 0.0
     sent_to: tuple[str, ...] = ()  # every worker this job was ever sent to
+    refused_by: tuple[str, ...] = ()  # workers that cannot reach its files
+    refusal: str = ""  # why the last of them could not
 
 
 @dataclass
@@ -60,6 +64,9 @@ class Dispatcher:
     def __init__(self, jobs: list[Job], *, max_attempts: int = 3):
         self.jobs: dict[str, JobState] = {job.job_id: JobState(job) for job in jobs}
         self.queue: deque[str] = deque(self.jobs)
+        # Jobs some worker refused, oldest first: served before the queue, but
+        # never to a worker that refused them.
+        self.refused: deque[str] = deque()
         self.workers: dict[str, WorkerState] = {}
         self.max_attempts = max_attempts
         self.leased = 0
@@ -104,7 +111,11 @@ class Dispatcher:
         if worker is None:
             return None
         culprit = culprit or worker.busy_job
-        return self._take_back(worker, list(worker.held), lambda job_id: job_id == culprit, reason)
+        lost = self._take_back(worker, list(worker.held), lambda job_id: job_id == culprit, reason)
+        # It may have been the last worker that had not refused some job.
+        unreachable = tuple((job_id, f"refused by every worker: {self.jobs[job_id].refusal}")
+                            for job_id in self._refused_by_all())
+        return replace(lost, failed=lost.failed + unreachable) if unreachable else lost
 
     def reclaim(self, worker_id: str, sent_before: float, reason: str) -> Lost | None:
         """The worker says nothing has reached it since ``sent_before``: jobs
@@ -142,13 +153,15 @@ class Dispatcher:
     # -- jobs ----------------------------------------------------------
     def next_assignment(self, now: float = 0.0) -> tuple[str, Job] | None:
         """The next (worker id, job) to send at time ``now``, or None when nobody can take one."""
-        while self.queue:
-            worker = self._taker()
+        passed_over: tuple[str, ...] = ()
+        while self.queue or self.refused:
+            worker = self._taker(passed_over)
             if worker is None:
                 return None
-            state = self.jobs[self.queue.popleft()]
-            if state.status != QUEUED:
-                continue  # finished meanwhile by a late completion
+            state = self._job_for(worker)
+            if state is None:
+                passed_over += (worker.id,)  # it refused what is left: another worker may not
+                continue
             state.status, state.worker, state.leased_at = LEASED, worker.id, now
             state.sent_to += (worker.id,)
             worker.held.add(state.job.job_id)
@@ -156,7 +169,62 @@ class Dispatcher:
             return worker.id, state.job
         return None
 
-    def _taker(self) -> WorkerState | None:
+    def _job_for(self, worker: WorkerState) -> JobState | None:
+        """The first job waiting that ``worker`` has not refused, if any.
+
+        Only the first refused job is looked at: a worker in the wrong folder
+        refuses them all, and must not scan them all for every job it takes.
+        """
+        while self.refused:
+            state = self.jobs[self.refused[0]]
+            if state.status != QUEUED:
+                self.refused.popleft()  # finished meanwhile
+            elif worker.id in state.refused_by:
+                break
+            else:
+                self.refused.popleft()
+                return state
+        while self.queue:
+            state = self.jobs[self.queue.popleft()]
+            if state.status == QUEUED:  # else finished meanwhile by a late completion
+                return state
+        return None
+
+    def refuse(self, worker_id: str, job_id: str, reason: str) -> str | None:
+        """The worker cannot reach this job's files: 'queued' for another
+        worker, or 'failed' when every live worker has refused it. None if
+        the worker did not hold it."""
+        state = self.jobs.get(job_id)
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.held.discard(job_id)
+        if state is None or state.status != LEASED or state.worker != worker_id:
+            return None
+        self.leased -= 1
+        state.worker, state.refusal = None, reason
+        state.refused_by += (worker_id,)
+        if all(w in state.refused_by for w in self.workers):
+            state.status = FAILED
+            self.finished += 1
+            return FAILED
+        state.status = QUEUED
+        self.refused.append(job_id)
+        return QUEUED
+
+    def _refused_by_all(self) -> list[str]:
+        """Fail the waiting jobs that every live worker has refused; their ids."""
+        if not self.workers:
+            return []  # nobody left to ask: they wait for the next worker
+        failed = []
+        for job_id in self.refused:
+            state = self.jobs[job_id]
+            if state.status == QUEUED and all(w in state.refused_by for w in self.workers):
+                state.status = FAILED
+                self.finished += 1
+                failed.append(job_id)
+        return failed
+
+    def _taker(self, passed_over: tuple[str, ...] = ()) -> WorkerState | None:
         """The worker with the most free credit, if any has some.
 
         The last few jobs (no more than there are workers) go only to workers
@@ -172,7 +240,7 @@ class Dispatcher:
         best, best_free = None, 0
         for worker in self.workers.values():
             free = min(worker.credit, cap) - len(worker.held)
-            if free > best_free and not (last_jobs and worker.held):
+            if free > best_free and not (last_jobs and worker.held) and worker.id not in passed_over:
                 best, best_free = worker, free
         return best
 

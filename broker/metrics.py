@@ -28,6 +28,7 @@ class WorkerStats:
     first_seen: float
     tasks: int = 0
     failures: int = 0
+    refused: int = 0  # jobs outside its folders, left to other workers
     busy_s: float = 0.0
     state: str = "live"
     rss_mb: float = 0.0
@@ -173,6 +174,7 @@ class BatchMetrics:
                 "id": stats.id,
                 "tasks": stats.tasks,
                 "failures": stats.failures,
+                "refused": stats.refused,
                 "busy_s": round(stats.busy_s, 6),
                 "utilisation_pct": round(min(100.0, 100 * stats.busy_s / window), 1),
                 "state": stats.state,

@@ -110,12 +110,28 @@ def check_output_path(input_path: str, output_path: str, output_root: str | None
         raise PathError(f"output path {output_path} is outside the output folder {output_root}")
 
 
+class OutsideFolders(PathError):
+    """The path is not under the worker's folders even as written: the job was
+    meant for a worker started elsewhere, not a trick of the image's."""
+
+
 def check_confined(path: str, roots: tuple[str, ...], what: str, resolve=os.path.realpath) -> None:
-    """Raise PathError unless ``path`` (links resolved) lies under one of ``roots``."""
+    """Raise PathError unless ``path`` (links resolved) lies under one of ``roots``.
+
+    OutsideFolders when the path as written is outside them too; a plain
+    PathError when only a link leads it out.
+    """
     real = resolve(path)
-    if not any(is_within(real, resolve(root)) for root in roots):
-        really = f" (a link to {real})" if real != os.path.abspath(path) else ""
-        raise PathError(f"{what} path {path}{really} is outside this worker's {what} folders; refused")
+    real_roots = [resolve(root) for root in roots]
+    if any(is_within(real, root) for root in real_roots):
+        return
+    folders = ", ".join(roots[:3]) + (f" and {len(roots) - 3} more" if len(roots) > 3 else "")
+    written = os.path.abspath(path)
+    if real != written and any(is_within(written, root) for root in (*map(os.path.abspath, roots), *real_roots)):
+        raise PathError(f"{what} path {path} (a link to {real}) is outside this worker's {what} folders "
+                        f"({folders}); refused")
+    raise OutsideFolders(f"{what} path {path} is outside this worker's {what} folders ({folders}); "
+                         f"start the sidecar in that folder or give it --{what}-root")
 
 
 def is_within(path: str, root: str) -> bool:

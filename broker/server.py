@@ -1,8 +1,8 @@
 """The broker process: ventilator and sink around one poll loop.
 
 Sockets (all bound here; sidecars and reporters connect):
-  jobs     ROUTER  in: ready (a sidecar's credit)     out: job
-  results  PULL    in: done, heartbeat, bye
+  jobs     ROUTER  in: ready (a sidecar's credit)     out: job, jobs, recall
+  results  PULL    in: done, refused, dropped, heartbeat, bye
   metrics  PUB     out: progress (a few per second), metrics (full snapshots)
 
 Ventilator and sink share one process because dispatching depends on
@@ -127,6 +127,24 @@ class Broker:
             return
         returned = sum(self.dispatcher.give_back(msg.worker_id, job_id) for job_id in msg.job_ids)
         logger.info("worker {} dropped {} queued job(s) on our recall", msg.worker_id, returned)
+
+    def handle_refused(self, msg: wire.Refused, now: float) -> None:
+        if msg.batch_id != self.batch_id:
+            return
+        outcome = self.dispatcher.refuse(msg.worker_id, msg.job_id, msg.reason)
+        if outcome is None:
+            return  # not its job (any more)
+        self.dispatcher.seen(msg.worker_id, now)
+        stats = self.metrics.worker(msg.worker_id, now)
+        stats.refused += 1
+        if stats.refused == 1:
+            logger.warning("worker {} refuses jobs, which go to other workers: {}", msg.worker_id, msg.reason)
+        if outcome == "failed":
+            job = self.dispatcher.jobs[msg.job_id].job
+            error = f"refused by every worker: {msg.reason}"
+            logger.bind(job_id=msg.job_id).warning("{} failed: {}", job.input, error)
+            self.metrics.record_failure(msg.job_id, job.input, error, None)
+            self._result_line(msg.job_id, job.input, job.output, ok=False, error=error, attempt=job.attempt)
 
     def handle_done(self, msg: wire.Done, now: float, payload: bytes | None = None) -> None:
         if msg.batch_id != self.batch_id:
@@ -467,7 +485,8 @@ def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:
             return
         identity = frames.pop(0) if from_router else None
         try:
-            expect = (wire.Ready,) if from_router else (wire.Done, wire.Heartbeat, wire.Bye, wire.Dropped)
+            expect = (wire.Ready,) if from_router else (wire.Done, wire.Heartbeat, wire.Bye, wire.Dropped,
+                                                        wire.Refused)
             msg, payload = wire.decode_with_payload(frames, expect)
         except wire.WireError as exc:
             logger.warning("dropped a malformed message: {}", exc)
@@ -480,6 +499,8 @@ def _drain(sock, broker: Broker, now: float, from_router: bool) -> None:
             broker.handle_heartbeat(msg, now)
         elif isinstance(msg, wire.Dropped):
             broker.handle_dropped(msg)
+        elif isinstance(msg, wire.Refused):
+            broker.handle_refused(msg, now)
         else:
             broker.handle_bye(msg, now)
 

@@ -13,6 +13,7 @@ bytes transport, ``job`` and ``done`` carry the image as a third frame, raw
     jobs        ventilator -> sidecar (several)     ROUTER -> DEALER
     recall      ventilator -> sidecar (stopping)    ROUTER -> DEALER
     dropped     sidecar   -> sink (recall answered) PUSH   -> PULL
+    refused     sidecar   -> sink (not its folders) PUSH   -> PULL
     done        sidecar   -> sink   (completion)    PUSH   -> PULL
     heartbeat   sidecar   -> sink                   PUSH   -> PULL
     bye         sidecar   -> sink                   PUSH   -> PULL
@@ -110,6 +111,19 @@ class Dropped:
 
 
 @dataclass(slots=True)
+class Refused:
+    """A sidecar will not do this job: its paths lie outside the folders the
+    worker was given. That says something about the worker, not the image,
+    so the job goes to another worker (and fails only if every one refuses)."""
+
+    KIND: typing.ClassVar[bytes] = b"refused"
+    worker_id: str
+    batch_id: str
+    job_id: str
+    reason: str
+
+
+@dataclass(slots=True)
 class Done:
     """A completion: the outcome of one job, reported by the worker that did it."""
 
@@ -180,9 +194,9 @@ class Metrics:
     snapshot: dict
 
 
-MESSAGE_TYPES = (Ready, Job, Jobs, Recall, Dropped, Done, Heartbeat, Bye, Progress, Metrics)
+MESSAGE_TYPES = (Ready, Job, Jobs, Recall, Dropped, Refused, Done, Heartbeat, Bye, Progress, Metrics)
 BY_KIND = {cls.KIND: cls for cls in MESSAGE_TYPES}
-Message = Ready | Job | Jobs | Recall | Dropped | Done | Heartbeat | Bye | Progress | Metrics
+Message = Ready | Job | Jobs | Recall | Dropped | Refused | Done | Heartbeat | Bye | Progress | Metrics
 
 
 def _accepted_types(hint) -> frozenset[type]:

@@ -83,8 +83,11 @@ def _pool(s: dict) -> list[str]:
                      f"{'peak RSS':>9}  state")
         for r in w["per_worker"]:
             peak = f"{r['peak_rss_mb']:.0f} MB" if r.get("peak_rss_mb") else "-"
+            # A worker started in the wrong folder does nothing: say why.
+            refused = f", refused {r['refused']} (outside its folders)" if r.get("refused") else ""
             lines.append(f"  {r['id']:<{width}}  {r['tasks']:>6} {r['failures']:>6} "
-                         f"{duration(r['busy_s']):>10} {r['utilisation_pct']:>5.1f}% {peak:>9}  {r['state']}")
+                         f"{duration(r['busy_s']):>10} {r['utilisation_pct']:>5.1f}% {peak:>9}  "
+                         f"{r['state']}{refused}")
     return lines
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import pyvips
 
 from broker.paths import (
-    FolderCache, PathError, check_confined, check_output_path, read_input, write_atomically,
+    FolderCache, OutsideFolders, PathError, check_confined, check_output_path, read_input, write_atomically,
 )
 from broker.settings import ALPHA_FORMATS, ANIMATED_FORMATS, Settings, output_format, target_size
 from broker.sniff import HEAD_BYTES, describe_non_image, image_format
@@ -126,6 +126,8 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
         if output_roots is not None:
             check_confined(output_path, output_roots, "output", resolve)
         data = read_input(input_path, max_bytes)
+    except OutsideFolders:
+        raise  # not about this image: the job is for another worker
     except PathError as exc:
         raise ImageError(str(exc)) from None
     read_s = time.perf_counter() - start

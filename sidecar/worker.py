@@ -32,6 +32,7 @@ from broker import wire
 from broker.config import (
     LINGER_MS, StopFlag, format_cpus, image_message_limit, make_socket, recv_frames, send_frames, usable_cpus,
 )
+from broker.paths import OutsideFolders
 from broker.security import ClientKeys, secure_client
 from broker.settings import Settings, SettingsError
 from sidecar.optimize import Abandoned, ImageError, configure_vips, optimize, optimize_bytes, warm_up
@@ -116,9 +117,11 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, a
 
     With a payload (bytes transport) the image comes in the message and goes
     back in the completion: no file is touched. Without one, the job's paths
-    are used, confined to this worker's folders. Every failure becomes a
-    failed completion, never an exception. An image abandoned on a stop
-    signal has no completion (None): the job is unfinished, not failed.
+    are used, confined to this worker's folders; a job whose paths lie
+    outside them is refused (a wire.Refused instead of a completion). Every
+    failure becomes a failed completion, never an exception. An image
+    abandoned on a stop signal has no completion (None): the job is
+    unfinished, not failed.
     """
     start = time.perf_counter()
     worker_id = config.worker_id
@@ -140,6 +143,8 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, a
         except Abandoned as exc:
             logger.info("{} abandoned: {}", job.input, exc)
             return None, None
+        except OutsideFolders as exc:
+            return wire.Refused(worker_id, job.batch_id, job.job_id, str(exc)), None
         except (ImageError, SettingsError) as exc:
             error = str(exc) if isinstance(exc, ImageError) else f"invalid setting: {exc}"
             logger.warning("{} failed: {}", job.input, error)
@@ -302,6 +307,28 @@ class Inbox:
             self.answer_recall(wire.Dropped(self.worker_id, batch_id, dropped))
 
 
+def _deliver(push, msg: wire.Done | wire.Refused, encoded: bytes | None = None) -> None:
+    """Send what became of a job, waiting up to SEND_TIMEOUT_MS for the broker."""
+    try:
+        send_frames(push, wire.encode(msg, encoded), copy=encoded is None)
+    except zmq.Again:
+        logger.error("broker unreachable: the outcome of {} was not delivered", msg.job_id)
+
+
+class Refusals:
+    """Logs refused jobs: the first of each batch loudly (it says what to fix),
+    the rest quietly (a worker in the wrong folder refuses every job)."""
+
+    def __init__(self):
+        self.batches: set[str] = set()
+
+    def note(self, refused: wire.Refused) -> None:
+        first = refused.batch_id not in self.batches
+        self.batches.add(refused.batch_id)
+        logger.log("WARNING" if first else "DEBUG", "job {} refused, left to other workers: {}",
+                   refused.job_id, refused.reason)
+
+
 def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> None:
     credit = Credit(config.credit)
 
@@ -314,6 +341,7 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
     handled = 0
     reported_peak = 0.0
     inbox = Inbox(dealer, config.worker_id, answer_recall=lambda dropped: _send(push, dropped))
+    refusals = Refusals()
     poller = stop.poller(dealer)
     while not stop and not stop.parent_gone():
         inbox.take_in(time.monotonic())
@@ -340,14 +368,16 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
         busy.job = None
         if done is None:
             continue  # abandoned: the broker records it unfinished
+        if type(done) is wire.Refused:
+            # Not a job done: it neither counts nor teaches the credit anything.
+            refusals.note(done)
+            _deliver(push, done)
+            continue
         peak = peak_mb()
         if peak > reported_peak:
             # Heartbeats carry memory too, but a batch may end before the first.
             done, reported_peak = dataclasses.replace(done, peak_rss_mb=peak), peak
-        try:
-            send_frames(push, wire.encode(done, encoded), copy=encoded is None)
-        except zmq.Again:
-            logger.error("broker unreachable: completion of {} not delivered", job.job_id)
+        _deliver(push, done, encoded)
         if done.in_bytes >= TRIM_AFTER_BYTES and memory_mb()[0] > TRIM_ABOVE_MB:
             release_memory()
         handled += 1

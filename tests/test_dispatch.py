@@ -211,3 +211,64 @@ def test_a_worker_asks_for_more_only_when_its_jobs_are_short():
     for _ in range(100):
         short.update(3.0)
     assert short.value == 2                                # back to the floor for big images
+
+
+def test_a_worker_that_refuses_everything_leaves_every_job_to_the_others():
+    """A worker in the wrong folder: each job it refuses goes to another, none fails."""
+    d = Dispatcher(jobs(40))
+    d.register("wrong", 2, 0.0)
+    d.register("right", 2, 0.0)
+    done, refusals = [], 0
+    while d.remaining:
+        sent = drain(d)
+        assert sent or d.workers["right"].held, "nothing left to send, yet jobs remain"
+        for worker, job in sent:
+            if worker == "wrong":
+                assert "wrong" not in d.jobs[job.job_id].refused_by, "sent back to a worker that refused it"
+                assert d.refuse("wrong", job.job_id, "input path is outside") == QUEUED
+                refusals += 1
+        for job_id in list(d.workers["right"].held)[:1]:  # the good worker is the slow one
+            assert d.complete(job_id, "right", True) == "new"
+            done.append(job_id)
+    assert sorted(done) == sorted(f"j{i}" for i in range(40))
+    assert refusals > 0 and all(d.jobs[j].status == DONE for j in done)
+
+
+def test_a_job_every_live_worker_refuses_fails_and_the_workers_go_on():
+    d = Dispatcher(jobs(3))
+    d.register("a", 1, 0.0)
+    d.register("b", 1, 0.0)
+    first = dict((w, j.job_id) for w, j in drain(d))
+    assert d.refuse("a", first["a"], "outside a's folders") == QUEUED
+    # "b" is busy; when it is free it gets the job "a" refused, before anything else.
+    assert d.complete(first["b"], "b", True) == "new"
+    sent = dict((w, j.job_id) for w, j in drain(d))
+    assert sent["b"] == first["a"] and "a" in sent
+    assert d.refuse("b", first["a"], "outside b's folders") == FAILED
+    assert d.jobs[first["a"]].status == FAILED and d.remaining == 1
+    assert d.refuse("b", first["a"], "again") is None  # not its job any more
+    assert d.complete(sent["a"], "a", True) == "new" and d.remaining == 0
+
+
+def test_losing_the_last_worker_that_had_not_refused_a_job_fails_it():
+    d = Dispatcher(jobs(2))
+    d.register("a", 1, 0.0)
+    d.register("b", 1, 0.0)
+    first = dict((w, j.job_id) for w, j in drain(d))
+    d.refuse("a", first["a"], "outside a's folders")
+    lost = d.lose("b", "killed")
+    assert lost.requeued == (first["b"],)
+    assert lost.failed == ((first["a"], "refused by every worker: outside a's folders"),)
+
+
+
+def test_with_no_worker_left_a_refused_job_waits_for_the_next():
+    d = Dispatcher(jobs(1))
+    d.register("a", 1, 0.0)
+    d.register("b", 1, 0.0)
+    d.refuse("a", drain(d)[0][1].job_id, "outside a's folders")
+    assert d.lose("a", "gone").failed == ()  # "b" has not refused it
+    assert d.lose("b", "gone").failed == ()  # nobody left to ask
+    assert d.queued == 1
+    d.register("c", 1, 0.0)
+    assert drain(d)[0][0] == "c"

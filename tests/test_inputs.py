@@ -320,7 +320,7 @@ def test_a_sample_of_the_batch_is_timed_drawn_over_all_of_it():
 
 
 def test_a_confined_path_that_is_a_link_elsewhere_names_where_it_leads(tmp_path):
-    from broker.paths import PathError, check_confined
+    from broker.paths import OutsideFolders, PathError, check_confined
 
     (tmp_path / "root").mkdir()
     (tmp_path / "other").mkdir()
@@ -329,9 +329,15 @@ def test_a_confined_path_that_is_a_link_elsewhere_names_where_it_leads(tmp_path)
     check_confined(str(tmp_path / "root" / "inside.jpg"), (str(tmp_path / "root"),), "input")
     with pytest.raises(PathError, match=r"a link to .*/other/b\.jpg\) is outside this worker's input folders"):
         check_confined(str(tmp_path / "root" / "away" / "b.jpg"), (str(tmp_path / "root"),), "input")
-    with pytest.raises(PathError) as caught:
+    with pytest.raises(OutsideFolders) as caught:
         check_confined(str(tmp_path / "other" / "b.jpg"), (str(tmp_path / "root"),), "input")
-    assert "a link" not in str(caught.value)
+    # Outside even as written: not the image's doing but the worker's folders, which it names.
+    assert "a link" not in str(caught.value) and f"({tmp_path / 'root'})" in str(caught.value)
+    assert "--input-root" in str(caught.value)
+    # Inside as written, out through a link: the image's doing, an ordinary refusal.
+    with pytest.raises(PathError) as caught:
+        check_confined(str(tmp_path / "root" / "away" / "b.jpg"), (str(tmp_path / "root"),), "input")
+    assert type(caught.value) is PathError
 
 
 @pytest.mark.parametrize("output", ["", ".", "..", "sub/", "sub/."])

@@ -354,3 +354,29 @@ def test_a_truncated_image_fails_when_streamed_too(photo, tmp_path):
         with pytest.raises(ImageError, match="corrupt or truncated"):
             optimize(str(tmp_path / "cut.jpg"), str(tmp_path / f"out{staged}.jpg"), Settings(), staged=staged)
         assert not (tmp_path / f"out{staged}.jpg").exists()
+
+
+def test_a_worker_refuses_a_job_for_other_folders_but_fails_one_that_links_out(photo, tmp_path):
+    """Outside its folders as written: refused, for another worker. Inside but
+    linked out: the image's doing, a failure of that job alone."""
+    from broker import wire
+    from sidecar.worker import WorkerConfig, process
+
+    src = photo("a.jpg")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "sub").symlink_to(elsewhere)
+    config = WorkerConfig("w-1", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2",
+                          input_roots=(str(tmp_path / "in"),), output_roots=(str(out),))
+
+    def job(job_id, input_path, output_path):
+        return wire.Job(job_id, "b", str(input_path), str(output_path), Settings().to_dict())
+
+    refused, _ = process(job("j1", src, tmp_path / "other" / "a.jpg"), config)
+    assert type(refused) is wire.Refused and refused.job_id == "j1"
+    assert "output path" in refused.reason and "--output-root" in refused.reason
+    failed, _ = process(job("j2", src, out / "sub" / "a.jpg"), config)
+    assert type(failed) is wire.Done and not failed.ok and "a link to" in failed.error
+    done, _ = process(job("j3", src, out / "a.jpg"), config)
+    assert done.ok and os.listdir(elsewhere) == [] and sorted(os.listdir(out)) == ["a.jpg", "sub"]

@@ -56,3 +56,13 @@ def test_one_image_is_singular():
     assert "webp:                  1 image    2.00 KB -> 1.00 KB" in text
     assert "png:                   2 images   4.00 KB -> 2.00 KB" in text
     assert "(1 image timed)" in text
+
+
+def test_a_worker_that_refused_jobs_says_so_in_the_pool_table():
+    m = BatchMetrics("abc", total=1)
+    m.record_success("right-1", 0.2, 2000, 1000, "jpeg", False, {})
+    m.worker("wrong-2").refused = 5
+    m.finish("done")
+    rows = {line.split()[0]: line for line in report(m.snapshot()).splitlines() if line.strip().startswith(("right", "wrong"))}
+    assert rows["wrong-2"].endswith("live, refused 5 (outside its folders)")
+    assert "refused" not in rows["right-1"]

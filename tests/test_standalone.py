@@ -203,6 +203,56 @@ def test_worker_refuses_jobs_outside_its_folders(tmp_path):
         stop(broker, worker)
 
 
+def test_a_sidecar_started_in_the_wrong_folder_leaves_the_batch_to_the_others(tmp_path):
+    """It refuses every job in a millisecond; none may fail for that while a good worker can do it."""
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 16, (1600, 1200))
+    (tmp_path / "elsewhere").mkdir()
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--min-workers", 2, "--linger", 0))
+    wrong = start("sidecar", "--connect", ep["jobs"], "--results", ep["results"], "--log-dir", tmp_path / "logs",
+                  cwd=tmp_path / "elsewhere")
+    right = sidecar(ep, tmp_path)
+    try:
+        assert broker.wait(120) == 0
+        lines = [json.loads(line) for line in open(tmp_path / "res.jsonl")]
+        assert len(lines) == 16 and all(line["ok"] for line in lines)
+        assert sorted(os.listdir(tmp_path / "out")) == sorted(f"p{i:02d}.jpg" for i in range(16))
+        per = {w["id"]: w for w in json.loads((tmp_path / "r.json").read_text())["workers"]["per_worker"]}
+        assert len(per) == 2
+        idle, busy = sorted(per.values(), key=lambda w: w["tasks"])
+        assert (idle["tasks"], busy["tasks"]) == (0, 16)
+        assert idle["refused"] > 0 and busy["refused"] == 0 and idle["failures"] == 0
+        # Its log says what to do about it.
+        assert re.search(r"outside this worker's input folders \(.*elsewhere\); start the sidecar in that "
+                         r"folder or give it --input-root", logs_of(tmp_path, "sidecar"))
+    finally:
+        stop(broker, wrong, right)
+
+
+def test_a_job_no_worker_may_reach_fails_alone(tmp_path):
+    """Refused by every worker (outside all their folders), a batch-file job fails; the rest is done."""
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 6)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"job": f"p{i}", "input": str(src / f"p{i:02d}.jpg"),
+                                        "output": str(tmp_path / "out" / f"p{i}.jpg")}) + "\n" for i in range(6))
+                    + json.dumps({"job": "passwd", "input": "/etc/passwd", "output": str(tmp_path / "out" / "x.jpg")}))
+    broker = start("broker", "--jobs", jobs, "--jobs-endpoint", ep["jobs"], "--results-endpoint", ep["results"],
+                   "--metrics-endpoint", ep["metrics"], "--results-jsonl", tmp_path / "res.jsonl",
+                   "--report-json", tmp_path / "r.json", "--min-workers", 2,
+                   "--log-dir", tmp_path / "logs", "--linger", 0)
+    workers = [sidecar(ep, tmp_path) for _ in range(2)]
+    try:
+        assert broker.wait(60) == 1
+        lines = {line["job_id"]: line for line in map(json.loads, open(tmp_path / "res.jsonl"))}
+        assert len(lines) == 7 and all(lines[f"p{i}"]["ok"] for i in range(6))
+        assert lines["passwd"]["error"].startswith("refused by every worker: input path /etc/passwd is outside")
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["tasks"]["completed"] == 6 and report["tasks"]["failed"] == 1
+    finally:
+        stop(broker, *workers)
+
+
 def test_broker_gives_up_when_no_worker_ever_joins(tmp_path):
     ep = tcp_endpoints()
     src = folder_of_photos(tmp_path / "in", 3)

@@ -13,6 +13,7 @@ def test_every_kind_round_trips():
         wire.Jobs([wire.Job("j1", "b1", "/in/a.jpg", "/out/a.jpg", {}), wire.Job("j2", "b1", "/b", "/c", {})]),
         wire.Recall("b1"),
         wire.Dropped("h-1", "b1", ["j2", "j3"]),
+        wire.Refused("h-1", "b1", "j4", "input path /x is outside this worker's input folders (/in)"),
         wire.Done("j1", "b1", "h-1", True, None, 10, 5, 4, 3, "webp", False, 0.5, {"decode": 0.1}),
         wire.Heartbeat("h-1", "j1", 1.5),
         wire.Bye("h-1", "stopping"),
