@@ -319,6 +319,7 @@ class StopFlag:
         self._event = threading.Event()
         self.signal_name: str | None = None
         self._count = 0
+        self._counting = threading.Lock()  # a sidecar's heartbeat thread counts too
         self.parent_pid = parent_pid
         # Readable as soon as a signal arrives: poll loops include it so a
         # stop request wakes them at once instead of at their next timeout.
@@ -362,11 +363,12 @@ class StopFlag:
         return poller
 
     def drain(self) -> None:
-        try:
-            while data := os.read(self.wakeup_fd, 512):
-                self._count += sum(1 for signum in data if signum in self.STOP_SIGNALS)
-        except (BlockingIOError, TypeError):
-            pass
+        with self._counting:
+            try:
+                while data := os.read(self.wakeup_fd, 512):
+                    self._count += sum(1 for signum in data if signum in self.STOP_SIGNALS)
+            except (BlockingIOError, TypeError):
+                pass
 
     def nap(self, timeout: float) -> None:
         """Sleep up to ``timeout``; any signal (a child's exit too, see install) ends it early."""

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import resource
+import select
 import socket
 import threading
 import time
@@ -164,12 +165,25 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, a
         return done, encoded
 
 
-def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done: threading.Event) -> None:
+def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done_fd: int, stop: StopFlag) -> None:
+    """Beats every heartbeat_s until ``done_fd`` is readable.
+
+    It also watches for stop signals: the main thread hears of one only when
+    libvips returns (seconds, on a large image), so this thread says at once
+    what the signal will do.
+    """
+    watched = [done_fd] if stop.wakeup_fd is None else [done_fd, stop.wakeup_fd]
+    signals_told = 0
     with make_socket(ctx, zmq.PUSH, linger=0, receives=False) as push:
         push.sndhwm = 10
         secure_client(push, config.keys)
         push.connect(config.results_endpoint)
-        while not done.wait(config.heartbeat_s):
+        while True:
+            readable = select.select(watched, [], [], config.heartbeat_s)[0]
+            if done_fd in readable:
+                return
+            if readable:
+                signals_told = _tell_stop(stop, busy, signals_told)
             job_id, busy_s = busy.seconds()
             if job_id is not None and busy_s > config.job_timeout_s:
                 logger.error("job {} ran past --job-timeout {:g} s; exiting so it can be retried",
@@ -179,6 +193,20 @@ def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done: thr
                 time.sleep(0.5)  # let the bye leave before the process does
                 os._exit(EXIT_JOB_TIMEOUT)
             _send(push, wire.Heartbeat(config.worker_id, job_id, busy_s, *memory_mb()))
+
+
+def _tell_stop(stop: StopFlag, busy: Busy, told: int) -> int:
+    """Log what the stop signals so far mean for the image in hand; the count told."""
+    count = stop.count
+    job_id, busy_s = busy.seconds()
+    if job_id is None or count <= told:
+        return max(count, told)
+    if told == 0:
+        logger.warning("stop signal: finishing job {} (running {:.1f} s) first; a second signal drops it",
+                       job_id, busy_s)
+    if count >= 2:
+        logger.warning("second stop signal: dropping job {} unwritten", job_id)
+    return count
 
 
 def _libc_trim():
@@ -226,7 +254,8 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
     configure_vips()
     if not config.noop:
         warm_up()  # before the first "ready": a ready worker is a fast worker
-    busy, beating = Busy(), threading.Event()
+    busy = Busy()
+    done_r, done_w = os.pipe()  # written once the work is over: ends the heartbeat thread
     with zmq.Context() as ctx:
         dealer = make_socket(ctx, zmq.DEALER, linger=0, max_bytes=image_message_limit(config.max_image_bytes))
         dealer.routing_id = config.worker_id.encode()
@@ -235,7 +264,7 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
         push.sndtimeo = SEND_TIMEOUT_MS
         for sock in (dealer, push):
             secure_client(sock, config.keys)
-        heart = threading.Thread(target=heartbeat_loop, args=(ctx, config, busy, beating),
+        heart = threading.Thread(target=heartbeat_loop, args=(ctx, config, busy, done_r, stop),
                                  name="heartbeat", daemon=True)
         with dealer, push:
             dealer.connect(config.jobs_endpoint)
@@ -249,8 +278,10 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
                 # A short linger for the bye: the broker may already be gone.
                 push.linger = BYE_LINGER_MS
                 _send(push, wire.Bye(config.worker_id, wire.BYE_STOPPING))
-                beating.set()
+                os.write(done_w, b"x")
                 heart.join(2)
+                os.close(done_w)
+                os.close(done_r)
     return 0
 
 

@@ -253,6 +253,32 @@ def test_a_job_no_worker_may_reach_fails_alone(tmp_path):
         stop(broker, *workers)
 
 
+def test_ctrl_c_to_a_sidecar_busy_with_a_large_image_says_so_at_once(tmp_path):
+    """The main thread hears of the signal only when libvips returns; the log must not wait for that."""
+    ep = tcp_endpoints()
+    (tmp_path / "in").mkdir()
+    make_photo(str(tmp_path / "in" / "big.jpg"), 5000, 3750)
+    broker = start(*broker_cmd(ep, tmp_path / "in", tmp_path / "out", tmp_path, "--format", "webp", "--linger", 0))
+    worker = sidecar(ep, tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while "dispatching 1 jobs" not in logs_of(tmp_path, "broker"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        worker.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        while "stop signal: finishing job" not in logs_of(tmp_path, "sidecar"):
+            assert time.monotonic() - signalled < 2, "nothing logged on the stop signal"
+            time.sleep(0.05)
+        assert worker.poll() is None and not (tmp_path / "out" / "big.webp").exists(), "image done too soon to tell"
+        # The image in hand is finished, reported and written; then the worker stops.
+        assert worker.wait(60) == 0 and broker.wait(30) == 0
+        assert (tmp_path / "out" / "big.webp").exists()
+    finally:
+        stop(broker, worker)
+
+
 def test_broker_gives_up_when_no_worker_ever_joins(tmp_path):
     ep = tcp_endpoints()
     src = folder_of_photos(tmp_path / "in", 3)
