@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import zmq
 from loguru import logger
+from zmq.utils.monitor import recv_monitor_message
 
 from broker import wire
 from broker.config import (
@@ -266,14 +267,16 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
             secure_client(sock, config.keys)
         heart = threading.Thread(target=heartbeat_loop, args=(ctx, config, busy, done_r, stop),
                                  name="heartbeat", daemon=True)
-        with dealer, push:
+        disconnections = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        disconnections.linger = 0
+        with dealer, push, disconnections:
             dealer.connect(config.jobs_endpoint)
             push.connect(config.results_endpoint)
             heart.start()
             logger.info("worker {} connecting to {} (CPUs {})", config.worker_id, config.jobs_endpoint,
                         format_cpus(usable_cpus()))
             try:
-                _serve(dealer, push, config, busy, stop)
+                _serve(dealer, push, config, busy, stop, disconnections)
             finally:
                 # A short linger for the bye: the broker may already be gone.
                 push.linger = BYE_LINGER_MS
@@ -290,14 +293,18 @@ class Inbox:
 
     Everything waiting on the jobs socket is taken in before each job (at
     most every CHECK_EVERY_S for very short jobs), so a recall from a
-    stopping broker drops the jobs queued behind the current image.
+    stopping broker drops the jobs queued behind the current image. So does
+    losing the connection to the broker: one killed outright cannot recall
+    anything, and its jobs are nobody's any more (a broker still there gets
+    them back, unharmed, from our answer).
     """
 
     CHECK_EVERY_S = 0.005
 
-    def __init__(self, dealer, worker_id: str, answer_recall):
+    def __init__(self, dealer, worker_id: str, answer_recall, disconnections=None):
         self.dealer, self.worker_id = dealer, worker_id
         self.answer_recall = answer_recall  # sends the wire.Dropped it is given
+        self.disconnections = disconnections  # the jobs socket's monitor, if any
         self.pending: deque[tuple[wire.Job, bytes | None]] = deque()
         self.checked = 0.0
         self.given_up: set[str] = set()  # batches whose image in hand is not to be written
@@ -306,6 +313,24 @@ class Inbox:
         if self.pending and now - self.checked < self.CHECK_EVERY_S and not always:
             return
         self.checked = now
+        disconnected = self._disconnected()
+        self._receive()
+        if disconnected:
+            # What arrived before the connection dropped is read by now.
+            for batch_id in dict.fromkeys(job.batch_id for job, _ in self.pending):
+                self.drop(batch_id, "lost the connection to the broker")
+
+    def _disconnected(self) -> bool:
+        seen = False
+        while self.disconnections is not None:
+            try:
+                recv_monitor_message(self.disconnections, zmq.NOBLOCK)
+                seen = True
+            except zmq.Again:
+                break
+        return seen
+
+    def _receive(self) -> None:
         while True:
             try:
                 frames = recv_frames(self.dealer, nowait=True)
@@ -321,7 +346,7 @@ class Inbox:
             elif type(msg) is wire.Job:
                 self.pending.append((msg, payload))
             else:
-                self.recall(msg.batch_id)
+                self.drop(msg.batch_id, f"broker stopping batch {msg.batch_id}")
                 if msg.in_hand:
                     self.given_up.add(msg.batch_id)
 
@@ -330,10 +355,11 @@ class Inbox:
         self.take_in(time.monotonic(), always=True)
         return batch_id in self.given_up
 
-    def recall(self, batch_id: str) -> None:
+    def drop(self, batch_id: str, why: str) -> None:
+        """Drop the batch's jobs not started, and say which."""
         dropped = [job.job_id for job, _ in self.pending if job.batch_id == batch_id]
         self.pending = deque(item for item in self.pending if item[0].batch_id != batch_id)
-        logger.info("broker stopping batch {}: dropped {} queued job(s)", batch_id, len(dropped))
+        logger.info("{}: dropped {} queued job(s)", why, len(dropped))
         if dropped:
             self.answer_recall(wire.Dropped(self.worker_id, batch_id, dropped))
 
@@ -360,7 +386,7 @@ class Refusals:
                    refused.job_id, refused.reason)
 
 
-def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> None:
+def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag, disconnections) -> None:
     credit = Credit(config.credit)
 
     def announce(idle_s: float = 0.0):
@@ -371,7 +397,8 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag) -> No
     last_job = time.monotonic()
     handled = 0
     reported_peak = 0.0
-    inbox = Inbox(dealer, config.worker_id, answer_recall=lambda dropped: _send(push, dropped))
+    inbox = Inbox(dealer, config.worker_id, answer_recall=lambda dropped: _send(push, dropped),
+                  disconnections=disconnections)
     refusals = Refusals()
     poller = stop.poller(dealer)
     while not stop and not stop.parent_gone():

@@ -279,6 +279,32 @@ def test_ctrl_c_to_a_sidecar_busy_with_a_large_image_says_so_at_once(tmp_path):
         stop(broker, worker)
 
 
+def test_a_sidecar_whose_broker_is_killed_drops_the_jobs_queued_at_it(tmp_path):
+    """No broker is left to recall them or to count them: they must not be written."""
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 40, (1600, 1200))
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--format", "webp"))
+    worker = sidecar(ep, tmp_path, "--credit", 6)
+    try:
+        wait_for_results(broker, tmp_path / "res.jsonl", lines=1)
+        recorded = len((tmp_path / "res.jsonl").read_text().splitlines())
+        broker.kill()
+        broker.wait()
+        deadline = time.monotonic() + 30
+        while not (found := re.search(r"lost the connection to the broker: dropped (\d+) queued",
+                                      logs_of(tmp_path, "sidecar"))):
+            assert time.monotonic() < deadline, "the sidecar did not notice"
+            time.sleep(0.05)
+        assert int(found.group(1)) >= 3
+        time.sleep(2)  # what it still wrote, it has written by now
+        written = len(os.listdir(tmp_path / "out"))
+        # At most the image in hand, and one that finished as we killed.
+        assert written <= recorded + 2, (written, recorded)
+        assert worker.poll() is None  # it waits for the next broker
+    finally:
+        stop(broker, worker)
+
+
 def test_broker_gives_up_when_no_worker_ever_joins(tmp_path):
     ep = tcp_endpoints()
     src = folder_of_photos(tmp_path / "in", 3)
