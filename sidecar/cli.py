@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                           job_timeout_s=args.job_timeout, noop=args.noop,
                           input_roots=tuple(args.input_root or [os.getcwd()]),
                           output_roots=tuple(args.output_root or [os.getcwd()]),
-                          keys=keys, max_image_bytes=int(args.max_image_mb * 1e6))
+                          keys=keys, max_image_bytes=int(args.max_image_mb * 1e6),
+                          failure_level="INFO" if args.parent_pid else "WARNING")
     try:
         return run(config, stop)
     except Exception:

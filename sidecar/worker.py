@@ -65,6 +65,9 @@ class WorkerConfig:
     output_roots: tuple[str, ...] | None = None
     keys: ClientKeys | None = None
     max_image_bytes: int = 100_000_000
+    # Under the launcher the broker's report of each failure shares our
+    # console: ours goes to the log file only (INFO, below its console level).
+    failure_level: str = "WARNING"
 
 
 class Credit:
@@ -149,7 +152,7 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, a
             return wire.Refused(worker_id, job.batch_id, job.job_id, str(exc)), None
         except (ImageError, SettingsError) as exc:
             error = str(exc) if isinstance(exc, ImageError) else f"invalid setting: {exc}"
-            logger.warning("{} failed: {}", job.input, error)
+            logger.log(config.failure_level, "{} failed: {}", job.input, error)
             return wire.Done(job.job_id, job.batch_id, worker_id, False, error,
                              elapsed_s=time.perf_counter() - start), None
         except Exception as exc:  # a bug or an exotic libvips failure: the worker lives on

@@ -44,9 +44,11 @@ def test_mixed_batch_reports_failures_and_finishes_the_rest(mixed_folder, tmp_pa
     assert "not an image" in errors["text.jpg"]
     assert "corrupt or truncated" in errors["truncated.jpg"]
     assert "empty file" in errors["zero.jpg"]
-    # The console report lists every failure with its file.
+    # The console report lists every failure with its file; the log on stderr
+    # tells each once (the broker's line), not once per process that saw it.
     for name in errors:
         assert name in proc.stdout
+        assert sum(f"{name} failed" in line for line in proc.stderr.splitlines()) == 1, proc.stderr
     # Outputs: decodable WebP at the right size; byte totals are the files' real sizes.
     total_out = 0
     for line in lines:
