@@ -194,14 +194,10 @@ class Dispatcher:
         """The worker cannot reach this job's files: 'queued' for another
         worker, or 'failed' when every live worker has refused it. None if
         the worker did not hold it."""
-        state = self.jobs.get(job_id)
-        worker = self.workers.get(worker_id)
-        if worker is not None:
-            worker.held.discard(job_id)
-        if state is None or state.status != LEASED or state.worker != worker_id:
+        state = self._release(worker_id, job_id)
+        if state is None:
             return None
-        self.leased -= 1
-        state.worker, state.refusal = None, reason
+        state.refusal = reason
         state.refused_by += (worker_id,)
         if all(w in state.refused_by for w in self.workers):
             state.status = FAILED
@@ -253,16 +249,25 @@ class Dispatcher:
     def give_back(self, worker_id: str, job_id: str) -> bool:
         """The worker will not do this job (it never started it): first in line
         again, no strike. False if the worker did not hold it."""
+        state = self._release(worker_id, job_id)
+        if state is None:
+            return False
+        state.status = QUEUED
+        self.queue.appendleft(job_id)
+        return True
+
+    def _release(self, worker_id: str, job_id: str) -> JobState | None:
+        """End the worker's lease on a job it will not do; the job's state, or
+        None if it held no lease on it (the caller says what becomes of it)."""
         state = self.jobs.get(job_id)
         worker = self.workers.get(worker_id)
         if worker is not None:
             worker.held.discard(job_id)
         if state is None or state.status != LEASED or state.worker != worker_id:
-            return False
-        state.status, state.worker = QUEUED, None
+            return None
+        state.worker = None
         self.leased -= 1
-        self.queue.appendleft(job_id)
-        return True
+        return state
 
     def complete(self, job_id: str, worker_id: str, ok: bool) -> str:
         """Record a completion: 'new', 'duplicate', 'unknown' or 'unsent'.
