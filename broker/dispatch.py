@@ -10,7 +10,8 @@ stopped, or its address vanished), its leases go back to the front of the
 queue; the job it was busy with gets a strike, and a job with
 ``max_attempts`` strikes fails instead of killing more workers. A job a
 worker refuses (its files are outside that worker's folders) waits for a
-worker that has not refused it, and fails only once every live worker has.
+worker that has not refused it; ``unreachable`` tells when no live worker
+can take any job left.
 """
 
 from __future__ import annotations
@@ -111,11 +112,7 @@ class Dispatcher:
         if worker is None:
             return None
         culprit = culprit or worker.busy_job
-        lost = self._take_back(worker, list(worker.held), lambda job_id: job_id == culprit, reason)
-        # It may have been the last worker that had not refused some job.
-        unreachable = tuple((job_id, f"refused by every worker: {self.jobs[job_id].refusal}")
-                            for job_id in self._refused_by_all())
-        return replace(lost, failed=lost.failed + unreachable) if unreachable else lost
+        return self._take_back(worker, list(worker.held), lambda job_id: job_id == culprit, reason)
 
     def reclaim(self, worker_id: str, sent_before: float, reason: str) -> Lost | None:
         """The worker says nothing has reached it since ``sent_before``: jobs
@@ -190,35 +187,35 @@ class Dispatcher:
                 return state
         return None
 
-    def refuse(self, worker_id: str, job_id: str, reason: str) -> str | None:
-        """The worker cannot reach this job's files: 'queued' for another
-        worker, or 'failed' when every live worker has refused it. None if
-        the worker did not hold it."""
+    def refuse(self, worker_id: str, job_id: str, reason: str) -> bool:
+        """The worker cannot reach this job's files: it waits for another
+        worker. False if the worker did not hold it."""
         state = self._release(worker_id, job_id)
         if state is None:
-            return None
+            return False
         state.refusal = reason
         state.refused_by += (worker_id,)
-        if all(w in state.refused_by for w in self.workers):
-            state.status = FAILED
-            self.finished += 1
-            return FAILED
         state.status = QUEUED
         self.refused.append(job_id)
-        return QUEUED
+        return True
 
-    def _refused_by_all(self) -> list[str]:
-        """Fail the waiting jobs that every live worker has refused; their ids."""
-        if not self.workers:
-            return []  # nobody left to ask: they wait for the next worker
-        failed = []
-        for job_id in self.refused:
-            state = self.jobs[job_id]
-            if state.status == QUEUED and all(w in state.refused_by for w in self.workers):
-                state.status = FAILED
-                self.finished += 1
-                failed.append(job_id)
-        return failed
+    def unreachable(self) -> list[str] | None:
+        """The jobs left, when every one has been refused by every live worker
+        (so none can be sent); None while any worker can still do something.
+
+        Not a reason to fail them yet: the pool is whoever is connected now,
+        and a worker that can reach them may be about to join.
+        """
+        if not self.workers or self.leased:
+            return None
+        waiting = [job_id for job_id in dict.fromkeys(self.refused) if self.jobs[job_id].status == QUEUED]
+        if not waiting or len(waiting) != self.queued:
+            return None  # none left, or some in the main queue, not refused yet
+        for job_id in waiting:
+            refused_by = self.jobs[job_id].refused_by
+            if any(w not in refused_by for w in self.workers):
+                return None
+        return waiting
 
     def _taker(self, passed_over: tuple[str, ...] = ()) -> WorkerState | None:
         """The worker with the most free credit, if any has some.

@@ -75,6 +75,7 @@ class Broker:
         self.dispatching = False
         self.last_worker_seen = time.monotonic()
         self.stopping_since: float | None = None
+        self.stuck_since: float | None = None  # since when only refused jobs are left
         # When the broker last looked at its sockets: a message read now was
         # sent after that at the earliest (much after, if we were paused).
         self.last_poll = time.monotonic()
@@ -129,22 +130,13 @@ class Broker:
         logger.info("worker {} dropped {} queued job(s) on our recall", msg.worker_id, returned)
 
     def handle_refused(self, msg: wire.Refused, now: float) -> None:
-        if msg.batch_id != self.batch_id:
-            return
-        outcome = self.dispatcher.refuse(msg.worker_id, msg.job_id, msg.reason)
-        if outcome is None:
+        if msg.batch_id != self.batch_id or not self.dispatcher.refuse(msg.worker_id, msg.job_id, msg.reason):
             return  # not its job (any more)
         self.dispatcher.seen(msg.worker_id, now)
         stats = self.metrics.worker(msg.worker_id, now)
         stats.refused += 1
         if stats.refused == 1:
             logger.warning("worker {} refuses jobs, which go to other workers: {}", msg.worker_id, msg.reason)
-        if outcome == "failed":
-            job = self.dispatcher.jobs[msg.job_id].job
-            error = f"refused by every worker: {msg.reason}"
-            logger.bind(job_id=msg.job_id).warning("{} failed: {}", job.input, error)
-            self.metrics.record_failure(msg.job_id, job.input, error, None)
-            self._result_line(msg.job_id, job.input, job.output, ok=False, error=error, attempt=job.attempt)
 
     def handle_done(self, msg: wire.Done, now: float, payload: bytes | None = None) -> None:
         if msg.batch_id != self.batch_id:
@@ -225,7 +217,28 @@ class Broker:
             self._lose(worker_id, f"job ran past --job-timeout {cfg.job_timeout_s:g} s on {worker_id}")
         if self.dispatcher.workers:
             self.last_worker_seen = now
+        if self.stopping_since is None:
+            self._fail_unreachable(now)
         self.open_gate(now)
+
+    def _fail_unreachable(self, now: float) -> None:
+        """Jobs every live worker has refused wait, as for a pool with no
+        worker, up to --no-worker-timeout for one that can reach them."""
+        unreachable = self.dispatcher.unreachable()
+        if unreachable is None:
+            self.stuck_since = None
+            return
+        timeout = self.config.no_worker_timeout_s
+        if self.stuck_since is None:
+            self.stuck_since = now
+            logger.warning("every live worker has refused the {} job(s) left; waiting up to {:g} s "
+                           "(--no-worker-timeout) for a worker that can reach them", len(unreachable), timeout)
+        elif now - self.stuck_since >= timeout:
+            for job_id in unreachable:
+                state = self.dispatcher.jobs[job_id]
+                error = f"no worker could reach it within {timeout:g} s (--no-worker-timeout): {state.refusal}"
+                logger.bind(job_id=job_id).warning("{} failed: {}", state.job.input, error)
+                self._fail_unsent(state.job, error)
 
     def open_gate(self, now: float) -> None:
         """Start dispatching once the expected pool is here (or waited for long enough)."""
@@ -383,9 +396,11 @@ def _serve_batch(broker: Broker, router, pull, pub, stop: StopFlag) -> int:
         logger.info("listening: jobs {} results {} metrics {}", cfg.jobs_endpoint,
                     cfg.results_endpoint, cfg.metrics_endpoint)
         state, code = _loop(broker, router, pull, pub, stop)
+        # However the batch ended, no image of it may be written from now on:
+        # a worker written off (one only paused, say) still holds some, for
+        # jobs now recorded failed, unfinished or done by another worker.
+        _recall(broker, router, in_hand=True)
         if state == "interrupted":
-            if broker.dispatcher.leased:
-                _recall(broker, router, in_hand=True)  # we stop waiting: none of them may be written
             _settle(broker, pull)
             broker.note_unfinished()
         now = time.monotonic()
@@ -557,10 +572,9 @@ def _recall(broker: Broker, router, in_hand: bool = False) -> None:
     stop waiting.
     """
     live = broker.dispatcher.workers
-    # Every worker ever sent a job, written-off ones too: a worker that was
-    # only paused still holds its queue and would work through it.
-    sent_to = {worker_id for state in broker.dispatcher.jobs.values() for worker_id in state.sent_to}
-    for worker_id in sorted(sent_to):
+    # Every worker the batch has known, written-off ones too: a worker that
+    # was only paused still holds its queue and would work through it.
+    for worker_id in sorted(broker.metrics.workers):
         recall = wire.Recall(broker.batch_id, in_hand=in_hand or worker_id not in live)
         try:
             send_frames(router, [worker_id.encode(), *wire.encode(recall)], nowait=True)

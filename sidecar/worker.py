@@ -362,7 +362,7 @@ class Inbox:
         """Drop the batch's jobs not started, and say which."""
         dropped = [job.job_id for job, _ in self.pending if job.batch_id == batch_id]
         self.pending = deque(item for item in self.pending if item[0].batch_id != batch_id)
-        logger.info("{}: dropped {} queued job(s)", why, len(dropped))
+        logger.log("INFO" if dropped else "DEBUG", "{}: dropped {} queued job(s)", why, len(dropped))
         if dropped:
             self.answer_recall(wire.Dropped(self.worker_id, batch_id, dropped))
 

@@ -225,8 +225,9 @@ def test_a_worker_that_refuses_everything_leaves_every_job_to_the_others():
         for worker, job in sent:
             if worker == "wrong":
                 assert "wrong" not in d.jobs[job.job_id].refused_by, "sent back to a worker that refused it"
-                assert d.refuse("wrong", job.job_id, "input path is outside") == QUEUED
+                assert d.refuse("wrong", job.job_id, "input path is outside")
                 refusals += 1
+        assert d.unreachable() is None
         for job_id in list(d.workers["right"].held)[:1]:  # the good worker is the slow one
             assert d.complete(job_id, "right", True) == "new"
             done.append(job_id)
@@ -234,41 +235,37 @@ def test_a_worker_that_refuses_everything_leaves_every_job_to_the_others():
     assert refusals > 0 and all(d.jobs[j].status == DONE for j in done)
 
 
-def test_a_job_every_live_worker_refuses_fails_and_the_workers_go_on():
+def test_jobs_every_live_worker_refused_are_unreachable_until_another_joins():
     d = Dispatcher(jobs(3))
     d.register("a", 1, 0.0)
     d.register("b", 1, 0.0)
     first = dict((w, j.job_id) for w, j in drain(d))
-    assert d.refuse("a", first["a"], "outside a's folders") == QUEUED
+    assert d.refuse("a", first["a"], "outside a's folders")
+    assert not d.refuse("a", first["a"], "again")  # not its job any more
     # "b" is busy; when it is free it gets the job "a" refused, before anything else.
     assert d.complete(first["b"], "b", True) == "new"
     sent = dict((w, j.job_id) for w, j in drain(d))
     assert sent["b"] == first["a"] and "a" in sent
-    assert d.refuse("b", first["a"], "outside b's folders") == FAILED
-    assert d.jobs[first["a"]].status == FAILED and d.remaining == 1
-    assert d.refuse("b", first["a"], "again") is None  # not its job any more
-    assert d.complete(sent["a"], "a", True) == "new" and d.remaining == 0
+    assert d.refuse("b", first["a"], "outside b's folders")
+    assert d.unreachable() is None  # "a" still holds a job
+    assert d.complete(sent["a"], "a", True) == "new"
+    assert d.unreachable() == [first["a"]] and drain(d) == []
+    # Nothing failed on its own: a worker that can reach it is served at once.
+    d.register("c", 1, 0.0)
+    assert d.unreachable() is None
+    assert drain(d) == [("c", d.jobs[first["a"]].job)]
 
 
-def test_losing_the_last_worker_that_had_not_refused_a_job_fails_it():
+def test_a_refused_job_waits_when_the_workers_that_had_not_refused_it_go():
     d = Dispatcher(jobs(2))
     d.register("a", 1, 0.0)
     d.register("b", 1, 0.0)
     first = dict((w, j.job_id) for w, j in drain(d))
     d.refuse("a", first["a"], "outside a's folders")
     lost = d.lose("b", "killed")
-    assert lost.requeued == (first["b"],)
-    assert lost.failed == ((first["a"], "refused by every worker: outside a's folders"),)
-
-
-
-def test_with_no_worker_left_a_refused_job_waits_for_the_next():
-    d = Dispatcher(jobs(1))
-    d.register("a", 1, 0.0)
-    d.register("b", 1, 0.0)
+    assert lost.requeued == (first["b"],) and lost.failed == ()
+    assert d.unreachable() is None  # the job "b" held has not been refused
     d.refuse("a", drain(d)[0][1].job_id, "outside a's folders")
-    assert d.lose("a", "gone").failed == ()  # "b" has not refused it
-    assert d.lose("b", "gone").failed == ()  # nobody left to ask
-    assert d.queued == 1
-    d.register("c", 1, 0.0)
-    assert drain(d)[0][0] == "c"
+    assert sorted(d.unreachable()) == sorted(first.values())
+    assert d.lose("a", "gone").failed == () and d.unreachable() is None  # no worker: not "unreachable"
+    assert d.queued == 2 and d.finished == 0

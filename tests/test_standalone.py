@@ -189,7 +189,7 @@ def test_worker_refuses_jobs_outside_its_folders(tmp_path):
     ]) + "\n")
     broker = start("broker", "--jobs", jobs, "--jobs-endpoint", ep["jobs"], "--results-endpoint", ep["results"],
                    "--metrics-endpoint", ep["metrics"], "--results-jsonl", tmp_path / "res.jsonl",
-                   "--log-dir", tmp_path / "logs", "--linger", 0)
+                   "--log-dir", tmp_path / "logs", "--linger", 0, "--no-worker-timeout", 1)
     worker = sidecar(ep, tmp_path)
     try:
         assert broker.wait(60) == 1
@@ -203,16 +203,23 @@ def test_worker_refuses_jobs_outside_its_folders(tmp_path):
         stop(broker, worker)
 
 
-def test_a_sidecar_started_in_the_wrong_folder_leaves_the_batch_to_the_others(tmp_path):
-    """It refuses every job in a millisecond; none may fail for that while a good worker can do it."""
+@pytest.mark.parametrize("good_one", ["with it", "3 s later"])
+def test_a_sidecar_started_in_the_wrong_folder_leaves_the_batch_to_the_others(tmp_path, good_one):
+    """It refuses every job in a millisecond; none may fail for that while a
+    good worker can do it, even one that joins after it has refused them all."""
     ep = tcp_endpoints()
     src = folder_of_photos(tmp_path / "in", 16, (1600, 1200))
     (tmp_path / "elsewhere").mkdir()
-    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--min-workers", 2, "--linger", 0))
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--linger", 0,
+                               "--min-workers", 2 if good_one == "with it" else 1))
     wrong = start("sidecar", "--connect", ep["jobs"], "--results", ep["results"], "--log-dir", tmp_path / "logs",
                   cwd=tmp_path / "elsewhere")
-    right = sidecar(ep, tmp_path)
+    procs = [broker, wrong]
     try:
+        if good_one != "with it":
+            time.sleep(3)
+            assert broker.poll() is None
+        procs.append(sidecar(ep, tmp_path))
         assert broker.wait(120) == 0
         lines = [json.loads(line) for line in open(tmp_path / "res.jsonl")]
         assert len(lines) == 16 and all(line["ok"] for line in lines)
@@ -221,16 +228,18 @@ def test_a_sidecar_started_in_the_wrong_folder_leaves_the_batch_to_the_others(tm
         assert len(per) == 2
         idle, busy = sorted(per.values(), key=lambda w: w["tasks"])
         assert (idle["tasks"], busy["tasks"]) == (0, 16)
-        assert idle["refused"] > 0 and busy["refused"] == 0 and idle["failures"] == 0
+        assert idle["refused"] >= (16 if good_one != "with it" else 1)
+        assert busy["refused"] == 0 and idle["failures"] == 0
         # Its log says what to do about it.
         assert re.search(r"outside this worker's input folders \(.*elsewhere\); start the sidecar in that "
                          r"folder or give it --input-root", logs_of(tmp_path, "sidecar"))
     finally:
-        stop(broker, wrong, right)
+        stop(*procs)
 
 
 def test_a_job_no_worker_may_reach_fails_alone(tmp_path):
-    """Refused by every worker (outside all their folders), a batch-file job fails; the rest is done."""
+    """Refused by every worker (outside all their folders), a batch-file job
+    fails once no other worker has come for it; the rest is done."""
     ep = tcp_endpoints()
     src = folder_of_photos(tmp_path / "in", 6)
     jobs = tmp_path / "jobs.jsonl"
@@ -239,16 +248,19 @@ def test_a_job_no_worker_may_reach_fails_alone(tmp_path):
                     + json.dumps({"job": "passwd", "input": "/etc/passwd", "output": str(tmp_path / "out" / "x.jpg")}))
     broker = start("broker", "--jobs", jobs, "--jobs-endpoint", ep["jobs"], "--results-endpoint", ep["results"],
                    "--metrics-endpoint", ep["metrics"], "--results-jsonl", tmp_path / "res.jsonl",
-                   "--report-json", tmp_path / "r.json", "--min-workers", 2,
+                   "--report-json", tmp_path / "r.json", "--min-workers", 2, "--no-worker-timeout", 2,
                    "--log-dir", tmp_path / "logs", "--linger", 0)
     workers = [sidecar(ep, tmp_path) for _ in range(2)]
     try:
         assert broker.wait(60) == 1
         lines = {line["job_id"]: line for line in map(json.loads, open(tmp_path / "res.jsonl"))}
         assert len(lines) == 7 and all(lines[f"p{i}"]["ok"] for i in range(6))
-        assert lines["passwd"]["error"].startswith("refused by every worker: input path /etc/passwd is outside")
+        assert lines["passwd"]["error"].startswith("no worker could reach it within 2 s (--no-worker-timeout): "
+                                                   "input path /etc/passwd is outside this worker's input folders")
         report = json.loads((tmp_path / "r.json").read_text())
+        assert report["state"] == "done"
         assert report["tasks"]["completed"] == 6 and report["tasks"]["failed"] == 1
+        assert "every live worker has refused the 1 job(s) left" in logs_of(tmp_path, "broker")
     finally:
         stop(broker, *workers)
 
@@ -532,3 +544,38 @@ def test_a_worker_written_off_while_paused_gets_the_recall_too(tmp_path):
     finally:
         paused.send_signal(signal.SIGCONT)
         stop(broker, paused, other)
+
+
+@pytest.mark.parametrize("ending", ["aborted", "ctrl-c during the grace", "only a refusing worker left"])
+def test_a_worker_paused_past_the_end_of_the_batch_writes_nothing_more(tmp_path, ending):
+    """Written off while paused, a worker still holds images of the batch; the
+    batch then ends without it. Resumed, it must not write them: their jobs are
+    recorded failed or unfinished."""
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 20, (2400, 1800))
+    (tmp_path / "elsewhere").mkdir()
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--format", "webp", "--grace", 8,
+                               "--heartbeat-timeout", 1, "--no-worker-timeout", 1))
+    paused = sidecar(ep, tmp_path, "--credit", 4)
+    procs = [broker, paused]
+    if ending == "only a refusing worker left":
+        procs.append(start("sidecar", "--connect", ep["jobs"], "--results", ep["results"],
+                           "--log-dir", tmp_path / "logs", cwd=tmp_path / "elsewhere"))
+    try:
+        wait_for_results(broker, tmp_path / "res.jsonl")
+        paused.send_signal(signal.SIGSTOP)
+        if ending == "ctrl-c during the grace":
+            broker.send_signal(signal.SIGINT)  # while the worker still counts: no word to drop its image
+        assert broker.wait(60) == (130 if ending.startswith("ctrl-c") else 1)
+        paused.send_signal(signal.SIGCONT)
+        time.sleep(3.0)  # what the resumed worker would still write, it writes now
+        lines = [json.loads(line) for line in (tmp_path / "res.jsonl").read_text().splitlines()]
+        done = sorted(os.path.basename(r["output"]) for r in lines if r["ok"])
+        assert len(lines) == 20 and sorted(os.listdir(tmp_path / "out")) == done
+        if ending == "only a refusing worker left":
+            # The jobs left waited for a worker that could reach them, then failed saying why.
+            assert any("no worker could reach it within 1 s (--no-worker-timeout): input path" in r["error"]
+                       for r in lines if not r["ok"])
+    finally:
+        paused.send_signal(signal.SIGCONT)
+        stop(*procs)
