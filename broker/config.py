@@ -303,6 +303,55 @@ def image_message_limit(max_image_bytes: int) -> int:
     return max_image_bytes + wire.MAX_MESSAGE_BYTES
 
 
+class ConnectionWatch:
+    """What a connecting socket's monitor says about its link to the broker.
+
+    Used as a context manager: the monitor socket closes with it.
+    """
+
+    def __init__(self, sock, peer: str):
+        import zmq
+
+        self.peer = peer  # what the endpoint should be, for the message
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.monitor.linger = 0
+        self.shaken = False  # the current connection finished its handshake
+        self.told = False    # of a failed handshake, since the last good one
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.monitor.close()
+
+    def dropped(self) -> bool:
+        """Has a connection that finished its handshake been lost since the last call?"""
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        lost = False
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return lost
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.shaken, self.told = True, False
+                continue
+            if not self.shaken and not self.told:
+                # libzmq fails such a peer without a word (and, for a wrong
+                # socket type, never tries again): a person must hear why
+                # nothing happens.
+                from loguru import logger
+
+                endpoint = event["endpoint"].decode("ascii", "replace")
+                logger.error("{} closed the connection before the ZeroMQ handshake ended: it is not {}, "
+                             "or its CURVE keys do not match ours", endpoint, self.peer)
+                self.told = True
+            lost = lost or self.shaken
+            self.shaken = False
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; loops poll with a timeout and check it.
 

@@ -18,7 +18,7 @@ import zmq
 from loguru import logger
 
 from broker import wire
-from broker.config import StopFlag, make_socket
+from broker.config import ConnectionWatch, StopFlag, make_socket
 from broker.security import ClientKeys, secure_client
 from reporter.render import progress_line, report
 
@@ -72,7 +72,8 @@ class ProgressPrinter:
 def run(config: ReporterConfig, stop: StopFlag) -> int:
     printer = ProgressPrinter()
     latest: dict | None = None
-    with zmq.Context() as ctx, make_socket(ctx, zmq.SUB, linger=0) as sub:
+    with zmq.Context() as ctx, make_socket(ctx, zmq.SUB, linger=0) as sub, \
+            ConnectionWatch(sub, "a broker's metrics port") as connection:
         secure_client(sub, config.keys)
         sub.subscribe(wire.Progress.KIND)
         sub.subscribe(wire.Metrics.KIND)
@@ -84,6 +85,7 @@ def run(config: ReporterConfig, stop: StopFlag) -> int:
         while not stop and not stop.parent_gone():
             if sub not in dict(poller.poll(200)):
                 stop.drain()
+                connection.dropped()  # logs a failed handshake
                 if not heard_from_broker and stop.parent_pid is None and time.monotonic() - started > WAIT_NOTE_S:
                     # On its own, a reporter pointed at the wrong place would say nothing at all.
                     logger.warning("nothing from a broker at {} yet; still waiting", config.endpoint)

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import zmq
 from loguru import logger
-from zmq.utils.monitor import recv_monitor_message
 
 from broker import wire
 from broker.config import (
-    LINGER_MS, StopFlag, format_cpus, image_message_limit, make_socket, recv_frames, send_frames, usable_cpus,
+    LINGER_MS, ConnectionWatch, StopFlag, format_cpus, image_message_limit, make_socket, recv_frames, send_frames,
+    usable_cpus,
 )
 from broker.paths import OutsideFolders
 from broker.security import ClientKeys, secure_client
@@ -270,16 +270,15 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
             secure_client(sock, config.keys)
         heart = threading.Thread(target=heartbeat_loop, args=(ctx, config, busy, done_r, stop),
                                  name="heartbeat", daemon=True)
-        disconnections = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        disconnections.linger = 0
-        with dealer, push, disconnections:
+        connection = ConnectionWatch(dealer, "a broker's jobs port")
+        with dealer, push, connection:
             dealer.connect(config.jobs_endpoint)
             push.connect(config.results_endpoint)
             heart.start()
             logger.info("worker {} connecting to {} (CPUs {})", config.worker_id, config.jobs_endpoint,
                         format_cpus(usable_cpus()))
             try:
-                _serve(dealer, push, config, busy, stop, disconnections)
+                _serve(dealer, push, config, busy, stop, connection)
             finally:
                 # A short linger for the bye: the broker may already be gone.
                 push.linger = BYE_LINGER_MS
@@ -304,10 +303,10 @@ class Inbox:
 
     CHECK_EVERY_S = 0.005
 
-    def __init__(self, dealer, worker_id: str, answer_recall, disconnections=None):
+    def __init__(self, dealer, worker_id: str, answer_recall, connection: ConnectionWatch | None = None):
         self.dealer, self.worker_id = dealer, worker_id
         self.answer_recall = answer_recall  # sends the wire.Dropped it is given
-        self.disconnections = disconnections  # the jobs socket's monitor, if any
+        self.connection = connection
         self.pending: deque[tuple[wire.Job, bytes | None]] = deque()
         self.checked = 0.0
         self.given_up: set[str] = set()  # batches whose image in hand is not to be written
@@ -316,22 +315,12 @@ class Inbox:
         if self.pending and now - self.checked < self.CHECK_EVERY_S and not always:
             return
         self.checked = now
-        disconnected = self._disconnected()
+        disconnected = self.connection is not None and self.connection.dropped()
         self._receive()
         if disconnected:
             # What arrived before the connection dropped is read by now.
             for batch_id in dict.fromkeys(job.batch_id for job, _ in self.pending):
                 self.drop(batch_id, "lost the connection to the broker")
-
-    def _disconnected(self) -> bool:
-        seen = False
-        while self.disconnections is not None:
-            try:
-                recv_monitor_message(self.disconnections, zmq.NOBLOCK)
-                seen = True
-            except zmq.Again:
-                break
-        return seen
 
     def _receive(self) -> None:
         while True:
@@ -389,7 +378,7 @@ class Refusals:
                    refused.job_id, refused.reason)
 
 
-def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag, disconnections) -> None:
+def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag, connection: ConnectionWatch) -> None:
     credit = Credit(config.credit)
 
     def announce(idle_s: float = 0.0):
@@ -401,7 +390,7 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag, disco
     handled = 0
     reported_peak = 0.0
     inbox = Inbox(dealer, config.worker_id, answer_recall=lambda dropped: _send(push, dropped),
-                  disconnections=disconnections)
+                  connection=connection)
     refusals = Refusals()
     poller = stop.poller(dealer)
     while not stop and not stop.parent_gone():

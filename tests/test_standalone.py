@@ -317,6 +317,24 @@ def test_a_sidecar_whose_broker_is_killed_drops_the_jobs_queued_at_it(tmp_path):
         stop(broker, worker)
 
 
+def test_a_sidecar_or_reporter_pointed_at_the_wrong_port_says_so(tmp_path):
+    """libzmq fails the handshake without a word (and never retries): the log must say why nothing happens."""
+    ep = tcp_endpoints()
+    src = folder_of_photos(tmp_path / "in", 1)
+    broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--no-worker-timeout", 30))
+    worker = sidecar({**ep, "jobs": ep["metrics"]}, tmp_path)  # the metrics port: a PUB socket
+    reporter = start("reporter", "--connect", ep["jobs"], "--log-dir", tmp_path / "logs")  # a ROUTER
+    try:
+        for component, port, peer in (("sidecar", "metrics", "jobs"), ("reporter", "jobs", "metrics")):
+            said = f"{ep[port]} closed the connection before the ZeroMQ handshake ended: it is not a broker's {peer} port"
+            deadline = time.monotonic() + 20
+            while said not in logs_of(tmp_path, component):
+                assert time.monotonic() < deadline, f"the {component} says nothing of the failing handshake"
+                time.sleep(0.1)
+    finally:
+        stop(broker, worker, reporter)
+
+
 def test_broker_gives_up_when_no_worker_ever_joins(tmp_path):
     ep = tcp_endpoints()
     src = folder_of_photos(tmp_path / "in", 3)
