@@ -43,6 +43,7 @@ EXIT_JOB_TIMEOUT = 75
 POLL_MS = 200
 SEND_TIMEOUT_MS = 10_000
 BYE_LINGER_MS = 50
+SIGNAL_HANDOVER_S = 0.05
 # Freed image memory goes back to the system only after a big job that left
 # the worker this large, and when it is idle. Trimming after every big job
 # cost 5-8% on the wallpapers: each next image faulted its memory back in.
@@ -186,7 +187,12 @@ def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done_fd: 
             readable = select.select(watched, [], [], config.heartbeat_s)[0]
             if done_fd in readable:
                 return
-            if readable:
+            if readable and busy.job is None:
+                # The main thread is idle, polling the same signal fd: the
+                # signal is its to take (taken here, its poll would sleep on).
+                if select.select([done_fd], [], [], SIGNAL_HANDOVER_S)[0]:
+                    return
+            elif readable:
                 signals_told = _tell_stop(stop, busy, signals_told)
             job_id, busy_s = busy.seconds()
             if job_id is not None and busy_s > config.job_timeout_s:

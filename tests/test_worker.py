@@ -1,0 +1,63 @@
+"""The sidecar's heartbeat thread and stop signals, stepped in-process."""
+
+import os
+import signal
+import threading
+import time
+
+import zmq
+from loguru import logger
+
+from broker.config import StopFlag
+from sidecar.worker import Busy, WorkerConfig, heartbeat_loop
+
+
+def run_heartbeat(busy: Busy):
+    """A heartbeat thread watching a stand-in for the signal wakeup fd; (stop, its write end, finish)."""
+    stop = StopFlag()
+    stop.wakeup_fd, signal_w = os.pipe()
+    os.set_blocking(stop.wakeup_fd, False)
+    done_r, done_w = os.pipe()
+    ctx = zmq.Context()
+    config = WorkerConfig("w-1", "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", heartbeat_s=5.0)
+    thread = threading.Thread(target=heartbeat_loop, args=(ctx, config, busy, done_r, stop), daemon=True)
+    thread.start()
+
+    def finish():
+        os.write(done_w, b"x")
+        thread.join(5)
+        assert not thread.is_alive()
+        ctx.term()
+        for fd in (stop.wakeup_fd, signal_w, done_r, done_w):
+            os.close(fd)
+    return stop, signal_w, finish
+
+
+def test_an_idle_workers_heartbeat_leaves_the_stop_signal_to_the_main_thread():
+    """The main thread, idle, polls the same fd: a signal taken by the heartbeat
+    thread would leave it asleep until its poll timed out."""
+    stop, signal_w, finish = run_heartbeat(Busy())
+    try:
+        os.write(signal_w, bytes([signal.SIGTERM]))
+        time.sleep(0.3)
+        assert os.read(stop.wakeup_fd, 16) == bytes([signal.SIGTERM])  # still there for the main thread
+    finally:
+        finish()
+
+
+def test_a_busy_workers_heartbeat_counts_the_stop_signal_and_says_so():
+    said = []
+    sink = logger.add(said.append, format="{message}")
+    busy = Busy()
+    busy.job = ("j7", time.monotonic())  # the main thread is inside libvips
+    stop, signal_w, finish = run_heartbeat(busy)
+    try:
+        os.write(signal_w, bytes([signal.SIGINT]))
+        deadline = time.monotonic() + 3
+        while not any("stop signal: finishing job j7" in line for line in said):
+            assert time.monotonic() < deadline, "nothing said of the signal"
+            time.sleep(0.01)
+        assert stop.count == 1
+    finally:
+        finish()
+        logger.remove(sink)
