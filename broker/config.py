@@ -324,6 +324,11 @@ class ConnectionWatch:
     def __exit__(self, *exc) -> None:
         self.monitor.close()
 
+    @property
+    def connected(self) -> bool:
+        """A connection has finished its handshake (as of the last dropped())."""
+        return self.shaken
+
     def dropped(self) -> bool:
         """Has a connection that finished its handshake been lost since the last call?"""
         import zmq
@@ -345,8 +350,8 @@ class ConnectionWatch:
                 from loguru import logger
 
                 endpoint = event["endpoint"].decode("ascii", "replace")
-                logger.error("{} closed the connection before the ZeroMQ handshake ended: it is not {}, "
-                             "or its CURVE keys do not match ours", endpoint, self.peer)
+                logger.error("{} closed the connection before the ZeroMQ handshake ended: it is not {}, its "
+                             "CURVE keys do not match ours, or it did not answer for 30 s", endpoint, self.peer)
                 self.told = True
             lost = lost or self.shaken
             self.shaken = False

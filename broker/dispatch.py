@@ -33,7 +33,7 @@ class JobState:
     strikes: int = 0
     leased_at: float = 0.0
     sent_to: tuple[str, ...] = ()  # every worker this job was ever sent to
-    refused_by: tuple[str, ...] = ()  # workers that cannot reach its files
+    refused_by: frozenset = frozenset()  # workers that cannot reach its files
     refusal: str = ""  # why the last of them could not
 
 
@@ -65,9 +65,11 @@ class Dispatcher:
     def __init__(self, jobs: list[Job], *, max_attempts: int = 3):
         self.jobs: dict[str, JobState] = {job.job_id: JobState(job) for job in jobs}
         self.queue: deque[str] = deque(self.jobs)
-        # Jobs some worker refused, oldest first: served before the queue, but
-        # never to a worker that refused them.
-        self.refused: deque[str] = deque()
+        # Jobs some worker refused, served before the queue but never to a
+        # worker that refused them: grouped by who refused them (a handful of
+        # groups), so that a worker finds one it may take without looking at
+        # every refused job.
+        self.refused: dict[frozenset, deque[str]] = {}
         self.workers: dict[str, WorkerState] = {}
         self.max_attempts = max_attempts
         self.leased = 0
@@ -106,12 +108,16 @@ class Dispatcher:
         """Workers stuck on one job for longer than ``limit_s``."""
         return [w.id for w in self.workers.values() if w.busy_job and w.busy_s > limit_s]
 
-    def lose(self, worker_id: str, reason: str, culprit: str | None = None) -> Lost | None:
-        """Forget a worker; its leases go back to the queue (front first)."""
+    def lose(self, worker_id: str, reason: str, culprit: str | None = None, died: bool = True) -> Lost | None:
+        """Forget a worker; its leases go back to the queue (front first).
+
+        A worker that ``died`` gives the job it was busy with (or ``culprit``)
+        a strike; one that stopped on request blames no image.
+        """
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return None
-        culprit = culprit or worker.busy_job
+        culprit = (culprit or worker.busy_job) if died else None
         return self._take_back(worker, list(worker.held), lambda job_id: job_id == culprit, reason)
 
     def reclaim(self, worker_id: str, sent_before: float, reason: str) -> Lost | None:
@@ -167,20 +173,17 @@ class Dispatcher:
         return None
 
     def _job_for(self, worker: WorkerState) -> JobState | None:
-        """The first job waiting that ``worker`` has not refused, if any.
-
-        Only the first refused job is looked at: a worker in the wrong folder
-        refuses them all, and must not scan them all for every job it takes.
-        """
-        while self.refused:
-            state = self.jobs[self.refused[0]]
-            if state.status != QUEUED:
-                self.refused.popleft()  # finished meanwhile
-            elif worker.id in state.refused_by:
-                break
-            else:
-                self.refused.popleft()
-                return state
+        """The first job waiting that ``worker`` has not refused, if any."""
+        for refused_by, waiting in list(self.refused.items()):
+            if worker.id in refused_by:
+                continue
+            while waiting:
+                state = self.jobs[waiting.popleft()]
+                if state.status == QUEUED:  # else finished meanwhile
+                    if not waiting:
+                        del self.refused[refused_by]
+                    return state
+            del self.refused[refused_by]
         while self.queue:
             state = self.jobs[self.queue.popleft()]
             if state.status == QUEUED:  # else finished meanwhile by a late completion
@@ -194,9 +197,9 @@ class Dispatcher:
         if state is None:
             return False
         state.refusal = reason
-        state.refused_by += (worker_id,)
+        state.refused_by |= {worker_id}
         state.status = QUEUED
-        self.refused.append(job_id)
+        self.refused.setdefault(state.refused_by, deque()).append(job_id)
         return True
 
     def unreachable(self) -> list[str] | None:
@@ -208,13 +211,17 @@ class Dispatcher:
         """
         if not self.workers or self.leased:
             return None
-        waiting = [job_id for job_id in dict.fromkeys(self.refused) if self.jobs[job_id].status == QUEUED]
+        for refused_by in list(self.refused):  # first forget jobs finished meanwhile
+            waiting = deque(job_id for job_id in self.refused[refused_by] if self.jobs[job_id].status == QUEUED)
+            if waiting:
+                self.refused[refused_by] = waiting
+            else:
+                del self.refused[refused_by]
+        if any(w not in refused_by for refused_by in self.refused for w in self.workers):
+            return None  # some worker may take some of them
+        waiting = [job_id for group in self.refused.values() for job_id in group]
         if not waiting or len(waiting) != self.queued:
             return None  # none left, or some in the main queue, not refused yet
-        for job_id in waiting:
-            refused_by = self.jobs[job_id].refused_by
-            if any(w not in refused_by for w in self.workers):
-                return None
         return waiting
 
     def _taker(self, passed_over: tuple[str, ...] = ()) -> WorkerState | None:

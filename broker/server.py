@@ -127,7 +127,7 @@ class Broker:
         if msg.batch_id != self.batch_id:
             return
         returned = sum(self.dispatcher.give_back(msg.worker_id, job_id) for job_id in msg.job_ids)
-        logger.info("worker {} dropped {} queued job(s) on our recall", msg.worker_id, returned)
+        logger.info("worker {} gave back {} job(s) it had not started", msg.worker_id, returned)
 
     def handle_refused(self, msg: wire.Refused, now: float) -> None:
         if msg.batch_id != self.batch_id or not self.dispatcher.refuse(msg.worker_id, msg.job_id, msg.reason):
@@ -255,7 +255,7 @@ class Broker:
         return 0.0 if self.dispatcher.workers else now - self.last_worker_seen
 
     def _lose(self, worker_id: str, reason: str, culprit: str | None = None, dead: bool = True) -> Lost | None:
-        lost = self.dispatcher.lose(worker_id, reason, culprit)
+        lost = self.dispatcher.lose(worker_id, reason, culprit, died=dead)
         if lost is None:
             return None
         stats = self.metrics.worker(worker_id)

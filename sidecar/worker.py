@@ -277,14 +277,15 @@ def run(config: WorkerConfig, stop: StopFlag) -> int:
         heart = threading.Thread(target=heartbeat_loop, args=(ctx, config, busy, done_r, stop),
                                  name="heartbeat", daemon=True)
         connection = ConnectionWatch(dealer, "a broker's jobs port")
-        with dealer, push, connection:
+        results = ConnectionWatch(push, "a broker's results port")
+        with dealer, push, connection, results:
             dealer.connect(config.jobs_endpoint)
             push.connect(config.results_endpoint)
             heart.start()
             logger.info("worker {} connecting to {} (CPUs {})", config.worker_id, config.jobs_endpoint,
                         format_cpus(usable_cpus()))
             try:
-                _serve(dealer, push, config, busy, stop, connection)
+                _serve(dealer, push, config, busy, stop, connection, results)
             finally:
                 # A short linger for the bye: the broker may already be gone.
                 push.linger = BYE_LINGER_MS
@@ -316,17 +317,19 @@ class Inbox:
         self.pending: deque[tuple[wire.Job, bytes | None]] = deque()
         self.checked = 0.0
         self.given_up: set[str] = set()  # batches whose image in hand is not to be written
+        self.batches_seen: set[str] = set()  # of jobs received since the last connection was lost
 
     def take_in(self, now: float, always: bool = False) -> None:
         if self.pending and now - self.checked < self.CHECK_EVERY_S and not always:
             return
         self.checked = now
         disconnected = self.connection is not None and self.connection.dropped()
+        stale, self.batches_seen = (self.batches_seen, set()) if disconnected else ((), self.batches_seen)
         self._receive()
-        if disconnected:
-            # What arrived before the connection dropped is read by now.
-            for batch_id in dict.fromkeys(job.batch_id for job, _ in self.pending):
-                self.drop(batch_id, "lost the connection to the broker")
+        # What came before the connection dropped is read by now; a broker
+        # started since may have sent jobs too, of a batch of its own.
+        for batch_id in stale:
+            self.drop(batch_id, "lost the connection to the broker")
 
     def _receive(self) -> None:
         while True:
@@ -341,8 +344,10 @@ class Inbox:
                 continue
             if type(msg) is wire.Jobs:
                 self.pending.extend((job, None) for job in msg.jobs)
+                self.batches_seen.add(msg.jobs[0].batch_id)
             elif type(msg) is wire.Job:
                 self.pending.append((msg, payload))
+                self.batches_seen.add(msg.batch_id)
             else:
                 self.drop(msg.batch_id, f"broker stopping batch {msg.batch_id}")
                 if msg.in_hand:
@@ -384,27 +389,36 @@ class Refusals:
                    refused.job_id, refused.reason)
 
 
-def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag, connection: ConnectionWatch) -> None:
+def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag, connection: ConnectionWatch,
+           results: ConnectionWatch) -> None:
     credit = Credit(config.credit)
 
     def announce(idle_s: float = 0.0):
         _send(dealer, wire.Ready(config.worker_id, socket.gethostname(), os.getpid(), credit.value, idle_s,
                                  image_message_limit(config.max_image_bytes)))
 
-    announce()
+    # No job is asked for before the results connection is up: a worker that
+    # cannot report would write outputs for jobs the broker then fails.
+    announced = False
     last_job = time.monotonic()
     handled = 0
     reported_peak = 0.0
     inbox = Inbox(dealer, config.worker_id, answer_recall=lambda dropped: _send(push, dropped),
                   connection=connection)
     refusals = Refusals()
-    poller = stop.poller(dealer)
+    poller = stop.poller(dealer, results.monitor)
     while not stop and not stop.parent_gone():
         inbox.take_in(time.monotonic())
         if not inbox.pending:
-            if dealer not in dict(poller.poll(POLL_MS)):
+            events = dict(poller.poll(POLL_MS))
+            if results.monitor in events:
+                results.dropped()  # brings results.connected up to date (and says if it cannot be)
+            if not announced and results.connected:
+                announce()
+                announced, last_job = True, time.monotonic()
+            if dealer not in events:
                 stop.drain()
-                if time.monotonic() - last_job >= config.idle_ready_s:
+                if announced and results.connected and time.monotonic() - last_job >= config.idle_ready_s:
                     # Idle: remind the broker we are here (it may have written us
                     # off), and that nothing has reached us since (see reclaim).
                     announce(idle_s=time.monotonic() - last_job)

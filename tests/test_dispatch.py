@@ -116,6 +116,17 @@ def test_lost_worker_jobs_go_back_first_and_culprit_gets_a_strike():
     assert d.leased == 0 and d.remaining == 5
 
 
+def test_a_worker_stopped_on_request_blames_no_image():
+    """Stopping a worker busy with a big image, again and again, must not fail that image."""
+    d = Dispatcher(jobs(1), max_attempts=1)
+    for attempt in range(3):
+        d.register(f"w{attempt}", 1, 0.0)
+        (worker, job), = drain(d)
+        d.seen(worker, 1.0, busy_job=job.job_id, busy_s=5.0)
+        assert d.lose(worker, "stopping", died=False).failed == ()
+    assert d.jobs["j0"].strikes == 0 and d.queued == 1
+
+
 def test_poison_job_fails_after_max_attempts():
     d = Dispatcher(jobs(1), max_attempts=2)
     for attempt in range(2):
@@ -269,3 +280,26 @@ def test_a_refused_job_waits_when_the_workers_that_had_not_refused_it_go():
     assert sorted(d.unreachable()) == sorted(first.values())
     assert d.lose("a", "gone").failed == () and d.unreachable() is None  # no worker: not "unreachable"
     assert d.queued == 2 and d.finished == 0
+
+
+def test_a_job_nobody_can_take_does_not_hold_up_one_somebody_can():
+    """Workers with folders of their own: jobs only "a" may take wait behind
+    jobs nobody may take, and must still go to "a"."""
+    d = Dispatcher([Job(f"{folder}{i}", "b", f"/{folder}/{i}.jpg", f"/out/{folder}{i}.jpg", {})
+                    for folder in "ca" for i in range(3)])
+    d.register("a", 1, 0.0)
+    d.register("b", 1, 0.0)
+    roots = {"a": "/a/", "b": "/b/"}
+    done = []
+    for _ in range(100):
+        sent = drain(d)
+        if not sent and d.unreachable() is not None:
+            break
+        for worker, job in sent:
+            if job.input.startswith(roots[worker]):
+                d.complete(job.job_id, worker, True)
+                done.append(job.job_id)
+            else:
+                d.refuse(worker, job.job_id, f"outside {worker}'s folders")
+    assert sorted(done) == ["a0", "a1", "a2"]
+    assert sorted(d.unreachable()) == ["c0", "c1", "c2"]

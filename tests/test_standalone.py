@@ -323,16 +323,21 @@ def test_a_sidecar_or_reporter_pointed_at_the_wrong_port_says_so(tmp_path):
     src = folder_of_photos(tmp_path / "in", 1)
     broker = start(*broker_cmd(ep, src, tmp_path / "out", tmp_path, "--no-worker-timeout", 30))
     worker = sidecar({**ep, "jobs": ep["metrics"]}, tmp_path)  # the metrics port: a PUB socket
+    # Jobs right, results wrong: it must not take jobs it could never report.
+    unheard = sidecar({**ep, "results": ep["metrics"]}, tmp_path)
     reporter = start("reporter", "--connect", ep["jobs"], "--log-dir", tmp_path / "logs")  # a ROUTER
     try:
-        for component, port, peer in (("sidecar", "metrics", "jobs"), ("reporter", "jobs", "metrics")):
+        for component, port, peer in (("sidecar", "metrics", "jobs"), ("sidecar", "metrics", "results"),
+                                      ("reporter", "jobs", "metrics")):
             said = f"{ep[port]} closed the connection before the ZeroMQ handshake ended: it is not a broker's {peer} port"
             deadline = time.monotonic() + 20
             while said not in logs_of(tmp_path, component):
-                assert time.monotonic() < deadline, f"the {component} says nothing of the failing handshake"
+                assert time.monotonic() < deadline, f"the {component} says nothing of the failing {peer} handshake"
                 time.sleep(0.1)
+        time.sleep(1)
+        assert not (tmp_path / "out").exists() and "joined" not in logs_of(tmp_path, "broker")
     finally:
-        stop(broker, worker, reporter)
+        stop(broker, worker, unheard, reporter)
 
 
 def test_broker_gives_up_when_no_worker_ever_joins(tmp_path):

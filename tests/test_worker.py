@@ -61,3 +61,45 @@ def test_a_busy_workers_heartbeat_counts_the_stop_signal_and_says_so():
     finally:
         finish()
         logger.remove(sink)
+
+
+class Monitor:
+    """Stands in for the jobs socket's monitor: says when the connection dropped."""
+
+    def __init__(self):
+        self.lost = False
+
+    def dropped(self) -> bool:
+        lost, self.lost = self.lost, False
+        return lost
+
+
+def test_a_lost_connection_drops_the_old_brokers_jobs_and_keeps_the_new_ones():
+    from broker import wire
+    from sidecar.worker import Inbox
+
+    def job(job_id, batch_id):
+        return wire.Job(job_id, batch_id, f"/in/{job_id}.jpg", f"/out/{job_id}.jpg", {})
+
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router, ctx.socket(zmq.DEALER) as dealer:
+        router.bind("inproc://jobs")
+        dealer.routing_id = b"w-1"
+        dealer.connect("inproc://jobs")
+        answers, monitor = [], Monitor()
+        inbox = Inbox(dealer, "w-1", answer_recall=answers.append, connection=monitor)
+
+        def send(*jobs):
+            router.send_multipart([b"w-1", *wire.encode(wire.Jobs(list(jobs)))])
+            time.sleep(0.05)
+
+        send(job("o1", "old"), job("o2", "old"))
+        inbox.take_in(time.monotonic())
+        assert [j.job_id for j, _ in inbox.pending] == ["o1", "o2"]
+        # The old broker is killed; a stale job was still on its way, and the
+        # new broker's first jobs arrive before we look.
+        send(job("o3", "old"))
+        send(job("n1", "new"))
+        monitor.lost = True
+        inbox.take_in(time.monotonic(), always=True)
+        assert [j.job_id for j, _ in inbox.pending] == ["n1"]
+        assert answers == [wire.Dropped("w-1", "old", ["o1", "o2", "o3"])]
