@@ -311,12 +311,15 @@ class ConnectionWatch:
 
     def __init__(self, sock, peer: str):
         import zmq
+        from zmq.utils.monitor import recv_monitor_message
 
+        self._recv, self._again, self._handshake = recv_monitor_message, zmq.Again, zmq.EVENT_HANDSHAKE_SUCCEEDED
+        self._nowait = zmq.NOBLOCK
         self.peer = peer  # what the endpoint should be, for the message
         self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.monitor.linger = 0
-        self.shaken = False  # the current connection finished its handshake
-        self.told = False    # of a failed handshake, since the last good one
+        self.connected = False  # the current connection finished its handshake (as of the last dropped())
+        self.told = False       # of a failed handshake, since the last good one
 
     def __enter__(self):
         return self
@@ -324,26 +327,18 @@ class ConnectionWatch:
     def __exit__(self, *exc) -> None:
         self.monitor.close()
 
-    @property
-    def connected(self) -> bool:
-        """A connection has finished its handshake (as of the last dropped())."""
-        return self.shaken
-
     def dropped(self) -> bool:
         """Has a connection that finished its handshake been lost since the last call?"""
-        import zmq
-        from zmq.utils.monitor import recv_monitor_message
-
         lost = False
         while True:
             try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
+                event = self._recv(self.monitor, self._nowait)
+            except self._again:
                 return lost
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.shaken, self.told = True, False
+            if event["event"] == self._handshake:
+                self.connected, self.told = True, False
                 continue
-            if not self.shaken and not self.told:
+            if not self.connected and not self.told:
                 # libzmq fails such a peer without a word (and, for a wrong
                 # socket type, never tries again): a person must hear why
                 # nothing happens.
@@ -353,8 +348,8 @@ class ConnectionWatch:
                 logger.error("{} closed the connection before the ZeroMQ handshake ended: it is not {}, its "
                              "CURVE keys do not match ours, or it did not answer for 30 s", endpoint, self.peer)
                 self.told = True
-            lost = lost or self.shaken
-            self.shaken = False
+            lost = lost or self.connected
+            self.connected = False
 
 
 class StopFlag:

@@ -114,7 +114,8 @@ class Dropped:
 class Refused:
     """A sidecar will not do this job: its paths lie outside the folders the
     worker was given. That says something about the worker, not the image,
-    so the job goes to another worker (and fails only if every one refuses)."""
+    so the job goes to another worker (and fails only if none that can reach
+    it turns up in time)."""
 
     KIND: typing.ClassVar[bytes] = b"refused"
     worker_id: str

@@ -310,9 +310,9 @@ class Inbox:
 
     CHECK_EVERY_S = 0.005
 
-    def __init__(self, dealer, worker_id: str, answer_recall, connection: ConnectionWatch | None = None):
+    def __init__(self, dealer, worker_id: str, send_dropped, connection: ConnectionWatch | None = None):
         self.dealer, self.worker_id = dealer, worker_id
-        self.answer_recall = answer_recall  # sends the wire.Dropped it is given
+        self.send_dropped = send_dropped  # sends the wire.Dropped it is given
         self.connection = connection
         self.pending: deque[tuple[wire.Job, bytes | None]] = deque()
         self.checked = 0.0
@@ -364,7 +364,7 @@ class Inbox:
         self.pending = deque(item for item in self.pending if item[0].batch_id != batch_id)
         logger.log("INFO" if dropped else "DEBUG", "{}: dropped {} queued job(s)", why, len(dropped))
         if dropped:
-            self.answer_recall(wire.Dropped(self.worker_id, batch_id, dropped))
+            self.send_dropped(wire.Dropped(self.worker_id, batch_id, dropped))
 
 
 def _deliver(push, msg: wire.Done | wire.Refused, encoded: bytes | None = None) -> None:
@@ -403,7 +403,7 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag, conne
     last_job = time.monotonic()
     handled = 0
     reported_peak = 0.0
-    inbox = Inbox(dealer, config.worker_id, answer_recall=lambda dropped: _send(push, dropped),
+    inbox = Inbox(dealer, config.worker_id, send_dropped=lambda dropped: _send(push, dropped),
                   connection=connection)
     refusals = Refusals()
     poller = stop.poller(dealer, results.monitor)

@@ -86,7 +86,7 @@ def test_a_lost_connection_drops_the_old_brokers_jobs_and_keeps_the_new_ones():
         dealer.routing_id = b"w-1"
         dealer.connect("inproc://jobs")
         answers, monitor = [], Monitor()
-        inbox = Inbox(dealer, "w-1", answer_recall=answers.append, connection=monitor)
+        inbox = Inbox(dealer, "w-1", send_dropped=answers.append, connection=monitor)
 
         def send(*jobs):
             router.send_multipart([b"w-1", *wire.encode(wire.Jobs(list(jobs)))])
