@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 
 from broker import config as common
 from broker.cli import OneLineParser
+
+
+# Fewer malloc arenas: libvips' threads would otherwise each keep their own
+# pool of freed image memory (measured: peak RSS well past 300 MB).
+MALLOC_ARENAS = 2
+M_ARENA_MAX = -8  # glibc's mallopt() parameter
+
+
+def limit_malloc_arenas(arenas: int) -> None:
+    """As MALLOC_ARENA_MAX would, unless the user set that; before any thread starts."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own ways
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--cpus {args.cpus}: {exc}")
     # libvips reads this once, when it starts: before the first pyvips import.
     os.environ["VIPS_CONCURRENCY"] = str(args.vips_threads)
+    limit_malloc_arenas(MALLOC_ARENAS)
     from loguru import logger
 
     from broker.security import SecurityError, check_exposure, client_keys
