@@ -1,8 +1,8 @@
 """python launch.py [INPUT ...] [options]: optimize images across a worker pool.
 
-Starts the broker, N sidecars and the reporter as separate processes (the
-same ``python -m ...`` commands a person would run by hand), connected over
-ipc:// sockets in a private folder, waits for the batch and stops them all.
+Starts the broker, N sidecars and the reporter as separate processes (each
+runs the same main() and flags as its ``python -m ...`` command), connected
+over ipc:// sockets in a private folder, waits for the batch and stops them all.
 
 Exit status: 0 every image succeeded, 1 some failed (or the batch could not
 finish), 2 bad usage, 130 interrupted (the partial report is printed).
@@ -10,6 +10,7 @@ finish), 2 bad usage, 130 interrupted (the partial report is printed).
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "samples")
@@ -46,6 +48,8 @@ ABANDON_BEFORE_S = 0.5
 # A stop signal forwarded before the broker has installed its handlers would
 # kill it outright (no report); this is ample for its start-up.
 BROKER_HANDLERS_S = 1.0
+# How often a wait for a child looks whether it has exited.
+CHILD_POLL_S = 0.002
 
 
 def build_parser():
@@ -69,15 +73,12 @@ def build_parser():
 
 
 class Launcher:
-    def __init__(self, args, run_dir: str):
+    def __init__(self, args, run_dir: str, stop: common.StopFlag):
         self.args = args
+        self.stop = stop
         self.endpoints = {k: f"ipc://{os.path.join(run_dir, k)}" for k in ("jobs", "results", "metrics")}
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))}
-        # Fewer malloc arenas: libvips' threads would otherwise each keep their
-        # own pool of freed image memory (measured: peak RSS well past 300 MB).
-        self.env.setdefault("MALLOC_ARENA_MAX", "2")
         self.broker = self.reporter = None
-        self.workers: list[subprocess.Popen] = []
+        self.workers: list[Child] = []
         self.respawns_left = 3 * args.workers
         self.reporter_restarts = 3
         self.broker_started = time.monotonic()
@@ -85,13 +86,10 @@ class Launcher:
         self.vips_threads = args.vips_threads or max(1, len(cpus) // max(1, args.workers))
         self.cpu_sets = (common.plan_cpu_sets(args.workers, self.vips_threads, cpus)
                          if args.pin_workers == "auto" else None)
-        self.slots: dict[subprocess.Popen, int] = {}  # worker -> its place in cpu_sets
+        self.slots: dict[Child, int] = {}  # worker -> its place in cpu_sets
 
-    def _start(self, module: str, *argv: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", module, "--parent-pid", str(os.getpid()), *argv]
-        # A session of its own: Ctrl-C reaches only the launcher, which then
-        # stops the pieces in order (broker first, so the report is complete).
-        return subprocess.Popen(cmd, env=self.env, start_new_session=True)
+    def _start(self, module: str, *argv: str) -> Child:
+        return start_component(module, ["--parent-pid", str(os.getpid()), *argv], self.stop)
 
     def start_broker(self) -> None:
         a = self.args
@@ -121,7 +119,7 @@ class Launcher:
         a = self.args
         return ["--input-root", "/", "--output-root", "/" if a.jobs else os.path.abspath(a.output or "out")]
 
-    def start_worker(self, slot: int) -> subprocess.Popen:
+    def start_worker(self, slot: int) -> Child:
         a = self.args
         cpus = ["--cpus", common.format_cpus(self.cpu_sets[slot])] if self.cpu_sets else []
         worker = self._start("sidecar", "--connect", self.endpoints["jobs"], *self.confinement(), *cpus,
@@ -253,6 +251,98 @@ class Launcher:
             _wait_or_stop(proc, max(0.0, deadline - time.monotonic()), patient=not interrupted)
 
 
+# -- starting the components ---------------------------------------------------
+# Each component is forked from the launcher once it has imported what they all
+# use, then runs its own main() with the flags a person would give it. Five
+# interpreters each importing zmq, orjson and loguru afresh cost half a second
+# of CPU: a quarter of a second of every batch on two cores. The launcher forks
+# only while it holds no zmq context and no thread (the children create their
+# own), and never imports pyvips (libvips starts in the sidecar, after the fork).
+COMPONENT_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+
+
+def preload() -> None:
+    """Import, once for every component, the modules they all use."""
+    import zmq  # noqa: F401
+    from loguru import logger  # noqa: F401
+
+    from broker import security, wire  # noqa: F401
+
+
+def start_component(module: str, argv: list[str], stop: common.StopFlag) -> Child:
+    """Fork a process running ``module``'s main(argv), as ``python -m module`` would."""
+    common.flush_std_streams()  # else the child would write the launcher's buffered text again
+    # No signal between the fork and the child's own handlers: the launcher's
+    # would count it as the user's.
+    signal.pthread_sigmask(signal.SIG_BLOCK, COMPONENT_SIGNALS)
+    pid = os.fork()
+    if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, COMPONENT_SIGNALS)
+        return Child(pid)
+    code = 1
+    try:
+        # A session of its own: Ctrl-C reaches only the launcher, which then
+        # stops the pieces in order (broker first, so the report is complete).
+        os.setsid()
+        _forget_launcher_signals(stop)
+        _name_process(f"imgbus-{module}")
+        code = importlib.import_module(f"{module}.cli").main(argv)
+    except SystemExit as exc:  # usage errors
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        common.exit_now(code)  # never back into the launcher's code
+
+
+def _forget_launcher_signals(stop: common.StopFlag) -> None:
+    os.close(signal.set_wakeup_fd(-1))
+    os.close(stop.wakeup_fd)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, COMPONENT_SIGNALS)
+
+
+def _name_process(name: str) -> None:
+    """What ps, top and pgrep show for it (the command line stays the launcher's)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass  # not Linux: the pids are in the launcher's log
+
+
+class Child:
+    """A forked component: the part of subprocess.Popen the launcher uses."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(CHILD_POLL_S)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not yet reaped: the pid is still ours
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 def how_it_ended(code: int) -> str:
     if code >= 0:
         return f"exited with status {code}"
@@ -270,7 +360,7 @@ def _signal(proc, sig) -> None:
             pass
 
 
-def _wait_or_stop(proc: subprocess.Popen, timeout: float, patient: bool = True) -> None:
+def _wait_or_stop(proc: Child, timeout: float, patient: bool = True) -> None:
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -303,9 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     stop = common.StopFlag().install(wake_on_child_exit=True)
     run_dir = tempfile.mkdtemp(prefix="imgbus-")
-    launcher = Launcher(args, run_dir)
+    launcher = Launcher(args, run_dir, stop)
     try:
         # Start everything first; the launcher's own logging can wait.
+        preload()
         launcher.start_broker()
         for slot in range(args.workers):
             launcher.start_worker(slot)

@@ -272,8 +272,11 @@ def _sidecar_rss(launcher_pid: int) -> list[float]:
         if not entry.isdigit():
             continue
         try:
-            cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ")
-            if b"-m sidecar" not in cmd or f"--parent-pid {launcher_pid}".encode() not in cmd:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/comm") as f:
+                name = f.read().strip()
+            if parent != launcher_pid or name != "imgbus-sidecar":
                 continue
             for line in open(f"/proc/{entry}/status"):
                 if line.startswith("VmRSS:"):

@@ -157,13 +157,18 @@ def exit_now(code: int):
         from loguru import logger
 
         logger.remove()  # flushes and closes the log files
+    flush_std_streams()
+    os._exit(0 if code is None else code)
+
+
+def flush_std_streams() -> None:
+    """Write out what stdout and stderr hold, whatever became of them."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:  # None when the stream was closed at start
                 stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # a reader gone, a stream closed
             pass
-    os._exit(0 if code is None else code)
 
 
 def usable_cpus() -> list[int]:

@@ -99,33 +99,23 @@ def wait_for_results(proc: subprocess.Popen, path, lines: int = 1, timeout: floa
         time.sleep(0.05)
 
 
-def children_of(pid: int) -> list[int]:
-    """Live processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
-
-
-def processes_matching(text: str) -> list[int]:
+def components_of(launcher: subprocess.Popen, component: str = "") -> list[int]:
+    """The live processes ``launcher`` forked, named ``imgbus-<component>``
+    (all of them when empty), found even after the launcher is gone: a forked
+    process keeps the launcher's command line, which names this test's files."""
+    cmdline = b"".join(os.fsencode(str(arg)) + b"\0" for arg in launcher.args)
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit() or int(entry) == launcher.pid:
             continue
         try:
+            with open(f"/proc/{entry}/comm") as f:
+                name = f.read().strip()
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+                cmd = f.read()
         except OSError:
             continue
-        if text in cmd:
+        if cmd == cmdline and (not component or name == f"imgbus-{component}"):
             pids.append(int(entry))
     return pids
 

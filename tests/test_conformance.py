@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, children_of, processes_matching
+from conftest import ROOT, components_of
 
 TIMEOUT_S = 150
 
@@ -67,7 +67,7 @@ def staged_run(tmp_path, cases_dir, cases_input, case, workers, kill_after=None)
         if n != last_count:
             last_count, last_change = n, time.monotonic()
         if kill_after is not None and killed is None and n >= kill_after:
-            sidecars = [p for p in children_of(proc.pid) if p in processes_matching("-m sidecar")]
+            sidecars = components_of(proc, "sidecar")
             killed = sidecars[0]
             os.kill(killed, signal.SIGKILL)
         if time.monotonic() - started > TIMEOUT_S:
@@ -77,7 +77,7 @@ def staged_run(tmp_path, cases_dir, cases_input, case, workers, kill_after=None)
         time.sleep(0.02)
     ended = time.monotonic()
     stdout, stderr = proc.communicate()
-    orphans = processes_matching(f"--parent-pid {proc.pid}")
+    orphans = components_of(proc)
     for pid in orphans:
         os.kill(pid, signal.SIGKILL)
     info = {"exit_code": proc.returncode, "timed_out": timed_out, "wall_s": ended - started,

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, logs_of, make_photo, processes_matching, wait_for_results
+from conftest import ROOT, components_of, logs_of, make_photo, wait_for_results
 
 
 def photos(tmp_path, n, width, height):
@@ -24,12 +24,6 @@ def photos(tmp_path, n, width, height):
 def launch_async(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch.py"), *map(str, args)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def children(launcher: subprocess.Popen, module: str) -> list[int]:
-    """The launcher's processes running ``python -m module``."""
-    return [pid for pid in processes_matching(f"-m {module}")
-            if f"--parent-pid {launcher.pid}" in open(f"/proc/{pid}/cmdline").read().replace("\0", " ")]
 
 
 def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
@@ -60,7 +54,7 @@ def test_sigint_to_launcher_prints_partial_report_and_leaves_nothing(tmp_path):
     # Every finished job has its output; nothing half-written; no process left.
     files = [f for _, _, fs in os.walk(out) for f in fs]
     assert len(files) == done and not [f for f in files if "imgbus-tmp" in f]
-    assert processes_matching(f"--parent-pid {proc.pid}") == []
+    assert components_of(proc) == []
 
 
 @pytest.mark.parametrize("how", ["grace 0", "two signals"])
@@ -102,7 +96,7 @@ def test_a_broker_paused_for_seconds_loses_no_completion(tmp_path):
                         "--log-dir", tmp_path / "logs")
     try:
         wait_for_results(proc, tmp_path / "res.jsonl", lines=4)
-        broker = children(proc, "broker")[0]
+        broker = components_of(proc, "broker")[0]
         os.kill(broker, signal.SIGSTOP)
         time.sleep(5)
         os.kill(broker, signal.SIGCONT)
@@ -146,7 +140,7 @@ def test_all_workers_killed_under_the_launcher_ends_with_an_error(tmp_path):
                         "--results-jsonl", tmp_path / "res.jsonl", "--log-dir", tmp_path / "logs")
     try:
         wait_for_results(proc, tmp_path / "res.jsonl")
-        for pid in children(proc, "sidecar"):
+        for pid in components_of(proc, "sidecar"):
             os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         stdout, stderr = proc.communicate(timeout=60)
@@ -159,7 +153,7 @@ def test_all_workers_killed_under_the_launcher_ends_with_an_error(tmp_path):
     assert r["state"] == "aborted" and len(r["workers"]["dead"]) == 2
     assert r["tasks"]["completed"] + r["tasks"]["failed"] == 20
     assert "no live worker" in stdout
-    assert processes_matching(f"--parent-pid {proc.pid}") == []
+    assert components_of(proc) == []
 
 
 def test_a_killed_worker_is_written_off_at_once_under_the_launcher(tmp_path):
@@ -171,7 +165,7 @@ def test_a_killed_worker_is_written_off_at_once_under_the_launcher(tmp_path):
                         "--log-dir", tmp_path / "logs")
     try:
         wait_for_results(proc, tmp_path / "res.jsonl")
-        victim = children(proc, "sidecar")[0]
+        victim = components_of(proc, "sidecar")[0]
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -196,7 +190,7 @@ def test_killed_reporter_is_replaced_and_the_batch_goes_on(tmp_path):
         reporters = []
         while not reporters:
             assert time.monotonic() < deadline
-            reporters = children(proc, "reporter")
+            reporters = components_of(proc, "reporter")
             time.sleep(0.05)
         time.sleep(0.5)
         os.kill(reporters[0], signal.SIGKILL)
@@ -269,7 +263,7 @@ def test_ctrl_c_during_a_long_encode_ends_soon_after_the_grace(tmp_path):
     assert r["state"] == "interrupted" and len(r["unfinished"]) == 2
     # Unfinished means no output, whole or partial; and no process is left.
     assert [f for _, _, fs in os.walk(out) for f in fs] == []
-    assert processes_matching(f"--parent-pid {proc.pid}") == []
+    assert components_of(proc) == []
 
 
 def test_a_broker_that_dies_is_named_in_the_launchers_error(tmp_path):
@@ -278,18 +272,18 @@ def test_a_broker_that_dies_is_named_in_the_launchers_error(tmp_path):
                         "--log-dir", tmp_path / "logs")
     try:
         deadline = time.monotonic() + 30
-        while not children(proc, "broker"):
+        while not components_of(proc, "broker"):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
         time.sleep(1.0)
-        os.kill(children(proc, "broker")[0], signal.SIGKILL)
+        os.kill(components_of(proc, "broker")[0], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1
     assert "the broker died (killed by SIGKILL)" in stderr
-    assert processes_matching(f"--parent-pid {proc.pid}") == []
+    assert components_of(proc) == []
 
 
 def test_when_the_broker_dies_workers_write_nothing_more(tmp_path):
@@ -299,7 +293,7 @@ def test_when_the_broker_dies_workers_write_nothing_more(tmp_path):
                         "--results-jsonl", tmp_path / "res.jsonl", "--log-dir", tmp_path / "logs")
     try:
         wait_for_results(proc, tmp_path / "res.jsonl", lines=4)
-        os.kill(children(proc, "broker")[0], signal.SIGKILL)
+        os.kill(components_of(proc, "broker")[0], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

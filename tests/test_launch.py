@@ -4,11 +4,12 @@ import json
 import os
 import shlex
 import subprocess
+import time
 
 import pyvips
 import pytest
 
-from conftest import ROOT, make_photo, python_cmd, run_launch
+from conftest import ROOT, components_of, make_photo, python_cmd, run_launch
 
 
 def read_jsonl(path):
@@ -366,3 +367,125 @@ def test_a_results_or_report_file_that_cannot_be_written_does_not_stop_the_batch
     assert len(list((tmp_path / "out").glob("*.jpg"))) == 4
     if which == "results":
         assert json.loads((tmp_path / "r.json").read_text())["tasks"]["completed"] == 4
+
+
+# -- how the launcher starts its components -------------------------------------
+
+PROBE = '''
+import os, signal, sys
+
+def main(argv):
+    comm = open("/proc/self/comm").read().strip()
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)]
+    print("child", comm, os.getsid(0) == os.getpid(), signal.set_wakeup_fd(-1),
+          handlers == [signal.default_int_handler, signal.SIG_DFL, signal.SIG_DFL], *argv)
+    if argv[0] == "usage":
+        raise SystemExit(2)
+    if argv[0] == "crash":
+        raise RuntimeError("probe crashed")
+    return int(argv[0])
+'''
+
+FORKER = '''
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import launch
+from broker import config
+
+stop = config.StopFlag().install(wake_on_child_exit=True)
+print("launcher text, still buffered (stdout is a pipe)")
+for how in ["0", "3", "usage", "crash"]:
+    child = launch.start_component("probe", [how], stop)
+    print("exit", how, child.wait(30), flush=True)
+'''
+
+
+def test_components_start_as_forks_that_keep_nothing_of_the_launcher(tmp_path):
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "__init__.py").write_text("")
+    (tmp_path / "probe" / "cli.py").write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as on most machines
+    proc = subprocess.run(python_cmd("-c", FORKER, ROOT, str(tmp_path)), capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    # The launcher's unwritten output is written once, by the launcher.
+    assert proc.stdout.count("launcher text") == 1
+    # Each child: named for ps, a session of its own (Ctrl-C reaches only the
+    # launcher), none of the launcher's signal handlers or wakeup fd.
+    children = [line for line in out if line.startswith("child")]
+    assert children == [f"child imgbus-probe True -1 True {how}" for how in ["0", "3", "usage", "crash"]]
+    # Its exit status is main()'s; bad usage is 2 as with python -m; a crash is 1 with its traceback.
+    assert [line.split()[-2:] for line in out if "exit" in line] == [
+        ["0", "0"], ["3", "3"], ["usage", "2"], ["crash", "1"]]
+    assert "RuntimeError: probe crashed" in proc.stderr
+
+
+def test_a_batch_runs_in_named_forks_of_the_launcher_that_end_with_it(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(8):
+        make_photo(str(src / f"p{i}.jpg"), 2400, 1800)
+    proc = subprocess.Popen(python_cmd(os.path.join(ROOT, "launch.py"), str(src), "-o", str(tmp_path / "out"),
+                                       "--workers", "2", "--format", "png", "--quality", "100"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = {}
+        while proc.poll() is None and len(seen) < 3:
+            for name in ("broker", "sidecar", "reporter"):
+                if pids := components_of(proc, name):
+                    seen[name] = pids
+            time.sleep(0.02)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert len(seen["broker"]) == 1 and len(seen["sidecar"]) == 2 and len(seen["reporter"]) == 1
+    assert "Finished/total:        8/8" in stdout
+    assert components_of(proc) == []
+
+
+ARENAS = """
+import ctypes, os, re, sys, tempfile, threading
+sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == "limit":
+    from sidecar.cli import limit_malloc_arenas
+    limit_malloc_arenas(2)
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+together = threading.Barrier(8)
+
+def allocate():  # eight threads allocating at once, as libvips' would
+    block = libc.malloc(4096)
+    together.wait()
+    libc.free(block)
+
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+path = tempfile.mktemp()
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(len(re.findall('<heap nr=', open(path).read())))
+os.unlink(path)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="malloc arenas are glibc's")
+def test_a_worker_keeps_two_malloc_arenas_unless_the_user_chose(tmp_path):
+    def arenas(how, **env):
+        proc = subprocess.run(python_cmd("-c", ARENAS, ROOT, how), capture_output=True, text=True, timeout=30,
+                              env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout)
+
+    assert arenas("free", MALLOC_ARENA_MAX=None) > 2   # glibc's own: one per thread, up to 8 per core
+    assert arenas("limit", MALLOC_ARENA_MAX=None) == 2
+    assert arenas("limit", MALLOC_ARENA_MAX="4") == 4
