@@ -45,9 +45,6 @@ SIGNAL_GAP_S = 0.02
 # ends: an image finished in time reaches the broker in time; any other is
 # dropped before it is written, never left on disk while reported unfinished.
 ABANDON_BEFORE_S = 0.5
-# A stop signal forwarded before the broker has installed its handlers would
-# kill it outright (no report); this is ample for its start-up.
-BROKER_HANDLERS_S = 1.0
 # How often a wait for a child looks whether it has exited.
 CHILD_POLL_S = 0.002
 
@@ -81,7 +78,6 @@ class Launcher:
         self.workers: list[Child] = []
         self.respawns_left = 3 * args.workers
         self.reporter_restarts = 3
-        self.broker_started = time.monotonic()
         cpus = common.usable_cpus()
         self.vips_threads = args.vips_threads or max(1, len(cpus) // max(1, args.workers))
         self.cpu_sets = (common.plan_cpu_sets(args.workers, self.vips_threads, cpus)
@@ -101,7 +97,6 @@ class Launcher:
             "--min-workers", str(a.workers), "--no-worker-timeout", str(a.no_worker_timeout),
             "--grace", str(a.grace), "--linger", "30", *input_argv(a),
         )
-        self.broker_started = time.monotonic()
 
     def start_reporter(self) -> None:
         a = self.args
@@ -138,7 +133,7 @@ class Launcher:
         released = False
         abandon_at = None  # when the workers get their second signal, after a Ctrl-C
         while True:
-            if stop.count > forwarded and time.monotonic() - self.broker_started >= BROKER_HANDLERS_S:
+            if stop.count > forwarded:
                 # First Ctrl-C: the broker stops dispatching and waits for the
                 # images in flight; each worker finishes the image it is on and
                 # leaves, the jobs queued at it unstarted (the broker counts
@@ -284,7 +279,7 @@ def start_component(module: str, argv: list[str], stop: common.StopFlag) -> Chil
         # A session of its own: Ctrl-C reaches only the launcher, which then
         # stops the pieces in order (broker first, so the report is complete).
         os.setsid()
-        _forget_launcher_signals(stop)
+        _forget_launcher(stop)
         _name_process(f"imgbus-{module}")
         code = importlib.import_module(f"{module}.cli").main(argv)
     except SystemExit as exc:  # usage errors
@@ -295,13 +290,16 @@ def start_component(module: str, argv: list[str], stop: common.StopFlag) -> Chil
         common.exit_now(code)  # never back into the launcher's code
 
 
-def _forget_launcher_signals(stop: common.StopFlag) -> None:
+def _forget_launcher(stop: common.StopFlag) -> None:
+    """Drop the launcher's signal handlers and wakeup pipe. A stop signal stays
+    blocked until the component's own StopFlag.install() takes it: one the
+    launcher forwards right after the fork is then a stop, not a crash."""
     os.close(signal.set_wakeup_fd(-1))
     os.close(stop.wakeup_fd)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, COMPONENT_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, COMPONENT_SIGNALS - common.StopFlag.STOP_SIGNALS)
 
 
 def _name_process(name: str) -> None:

@@ -446,6 +446,9 @@ class StopFlag:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        # A component forked by the launcher starts with them blocked; one
+        # that came meanwhile is delivered now, to this handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.STOP_SIGNALS)
         if wake_on_child_exit:
             # A handler of its own (not SIG_IGN, which would stop zombies being
             # kept for wait()): its only job is the byte on the wakeup fd.

@@ -372,9 +372,15 @@ def test_a_results_or_report_file_that_cannot_be_written_does_not_stop_the_batch
 # -- how the launcher starts its components -------------------------------------
 
 PROBE = '''
-import os, signal, sys
+import os, signal, sys, time
+from broker.config import StopFlag
 
 def main(argv):
+    if argv[0] == "signalled":  # the launcher's Ctrl-C arrives while this one is still starting
+        time.sleep(0.3)
+        stop = StopFlag().install()
+        print("stopped by", stop.signal_name, stop.count)
+        return 0
     comm = open("/proc/self/comm").read().strip()
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)]
     print("child", comm, os.getsid(0) == os.getpid(), signal.set_wakeup_fd(-1),
@@ -387,7 +393,7 @@ def main(argv):
 '''
 
 FORKER = '''
-import sys
+import os, signal, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import launch
 from broker import config
@@ -397,6 +403,9 @@ print("launcher text, still buffered (stdout is a pipe)")
 for how in ["0", "3", "usage", "crash"]:
     child = launch.start_component("probe", [how], stop)
     print("exit", how, child.wait(30), flush=True)
+child = launch.start_component("probe", ["signalled"], stop)
+os.kill(child.pid, signal.SIGINT)
+print("exit signalled", child.wait(30), flush=True)
 '''
 
 
@@ -417,7 +426,9 @@ def test_components_start_as_forks_that_keep_nothing_of_the_launcher(tmp_path):
     assert children == [f"child imgbus-probe True -1 True {how}" for how in ["0", "3", "usage", "crash"]]
     # Its exit status is main()'s; bad usage is 2 as with python -m; a crash is 1 with its traceback.
     assert [line.split()[-2:] for line in out if "exit" in line] == [
-        ["0", "0"], ["3", "3"], ["usage", "2"], ["crash", "1"]]
+        ["0", "0"], ["3", "3"], ["usage", "2"], ["crash", "1"], ["signalled", "0"]]
+    # A stop signal sent before the component has its handlers waits for them.
+    assert "stopped by SIGINT 1" in out
     assert "RuntimeError: probe crashed" in proc.stderr
 
 
