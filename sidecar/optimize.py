@@ -15,6 +15,7 @@ Every failure becomes ``ImageError`` with a message fit for a person.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -110,11 +111,12 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
              max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = 0, tag: str = "imgbus",
              input_roots: tuple[str, ...] | None = None,
              output_roots: tuple[str, ...] | None = None, abandon=lambda: False,
-             staged: bool = True) -> Outcome:
+             writing=contextlib.nullcontext, staged: bool = True) -> Outcome:
     """Optimize ``input_path`` into ``output_path``; raise ImageError on failure.
 
     With roots given, the input must lie under an input root and the output
     under an output root (after resolving links), whatever the job says.
+    The output is written inside ``writing()`` (see worker.Busy.writing).
     ``staged``: see optimize_bytes.
     """
     start = time.perf_counter()
@@ -135,12 +137,13 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
     if staged:
         outcome.timings["decode"] += read_s
     clock = time.perf_counter()
-    if abandon():
-        raise Abandoned("the batch was stopped before this image was written")
-    try:
-        write_atomically(output_path, encoded, tag)
-    except OSError as exc:
-        raise ImageError(f"cannot write output: {exc.strerror or exc}") from None
+    with writing():
+        if abandon():
+            raise Abandoned("the batch was stopped before this image was written")
+        try:
+            write_atomically(output_path, encoded, tag)
+        except OSError as exc:
+            raise ImageError(f"cannot write output: {exc.strerror or exc}") from None
     if staged:
         outcome.timings["write"] = time.perf_counter() - clock
     return outcome

@@ -14,6 +14,7 @@ after repeated strikes, fails) the job, and the launcher starts a new worker.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import math
@@ -109,6 +110,7 @@ class Busy:
 
     def __init__(self):
         self.job: tuple[str, float] | None = None  # (job id, start), replaced atomically
+        self._writing = threading.Lock()
 
     def seconds(self) -> tuple[str | None, float]:
         current = self.job
@@ -116,9 +118,28 @@ class Busy:
             return None, 0.0
         return current[0], time.monotonic() - current[1]
 
+    @contextlib.contextmanager
+    def writing(self):
+        """Held by the main thread while it writes an output (blocks for good
+        once the watchdog has given up on the job)."""
+        with self._writing:
+            yield
+
+    def give_up(self, job_id: str) -> bool:
+        """For the watchdog: True if ``job_id`` is still running and its output
+        can no longer be written; False if it is being written right now (or
+        is over). A job the broker may call failed must leave no output."""
+        if not self._writing.acquire(blocking=False):
+            return False
+        current = self.job
+        if current is None or current[0] != job_id:
+            self._writing.release()
+            return False
+        return True  # the lock stays taken: the process is about to exit
+
 
 def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, abandon=lambda: False,
-            staged: bool = True):
+            staged: bool = True, writing=contextlib.nullcontext):
     """Do one job: ``(completion, output bytes or None)``.
 
     With a payload (bytes transport) the image comes in the message and goes
@@ -145,7 +166,8 @@ def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, a
                 outcome = optimize(job.input, job.output, settings, max_pixels=job.max_pixels,
                                    max_bytes=job.max_bytes, tag=f"{worker_id}-{job.attempt}",
                                    input_roots=config.input_roots,
-                                   output_roots=config.output_roots, abandon=abandon, staged=staged)
+                                   output_roots=config.output_roots, abandon=abandon, writing=writing,
+                                   staged=staged)
         except Abandoned as exc:
             logger.info("{} abandoned: {}", job.input, exc)
             return None, None
@@ -195,7 +217,7 @@ def heartbeat_loop(ctx: zmq.Context, config: WorkerConfig, busy: Busy, done_fd: 
             elif readable:
                 signals_told = _tell_stop(stop, busy, signals_told)
             job_id, busy_s = busy.seconds()
-            if job_id is not None and busy_s > config.job_timeout_s:
+            if job_id is not None and busy_s > config.job_timeout_s and busy.give_up(job_id):
                 logger.error("job {} ran past --job-timeout {:g} s; exiting so it can be retried",
                              job_id, config.job_timeout_s)
                 reason = f"job ran past --job-timeout {config.job_timeout_s:g} s"
@@ -433,9 +455,10 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag, conne
         if config.noop:
             done, encoded = wire.Done(job.job_id, job.batch_id, config.worker_id, True, format="none"), None
         else:
-            done, encoded = process(job, config, payload, staged=job.timed,
+            done, encoded = process(job, config, payload, staged=job.timed, writing=busy.writing,
                                     abandon=lambda: stop.count > 1 or inbox.gives_up(job.batch_id))
-        busy.job = None
+        with busy.writing():  # never returns once the watchdog has given up on the job: no completion
+            busy.job = None
         if done is None:
             continue  # abandoned: the broker records it unfinished
         if type(done) is wire.Refused:

@@ -103,3 +103,32 @@ def test_a_lost_connection_drops_the_old_brokers_jobs_and_keeps_the_new_ones():
         inbox.take_in(time.monotonic(), always=True)
         assert [j.job_id for j, _ in inbox.pending] == ["n1"]
         assert answers == [wire.Dropped("w-1", "old", ["o1", "o2", "o3"])]
+
+
+def test_a_job_the_watchdog_gave_up_on_is_never_written(tmp_path):
+    from broker.settings import Settings
+    from conftest import make_photo
+    from sidecar.optimize import optimize
+
+    # The broker may fail a job the watchdog gave up on: then no output may appear,
+    # however close to the end the image was.
+    make_photo(str(tmp_path / "in.jpg"), 800, 600)
+    busy = Busy()
+    busy.job = ("j1", time.monotonic())
+    assert busy.give_up("j1")
+    out = tmp_path / "out.jpg"
+    late = threading.Thread(target=optimize, args=(str(tmp_path / "in.jpg"), str(out), Settings()),
+                            kwargs={"writing": busy.writing}, daemon=True)  # left blocked, as the process exits
+    late.start()
+    late.join(3)
+    assert late.is_alive() and not out.exists() and os.listdir(tmp_path) == ["in.jpg"]
+
+    # It does not give up on a job whose output is being written, or that is over.
+    busy = Busy()
+    busy.job = ("j2", time.monotonic())
+    with busy.writing():
+        assert not busy.give_up("j2")
+    busy.job = ("j3", time.monotonic())
+    assert not busy.give_up("j2")
+    busy.job = None
+    assert not busy.give_up("j3")
