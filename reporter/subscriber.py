@@ -49,12 +49,11 @@ class ProgressPrinter:
             return
         now = time.monotonic()
         if self.tty:
-            self.stream.write("\r\033[K" + text)
+            self._write("\r\033[K" + text)
             self.shown = True
         elif now - self.last >= NON_TTY_PROGRESS_EVERY_S:
-            self.stream.write(text + "\n")
+            self._write(text + "\n")
             self.last = now
-        self.stream.flush()
 
     def finish(self, text: str) -> None:
         """The last word: always shown, on a terminal or not."""
@@ -64,9 +63,18 @@ class ProgressPrinter:
 
     def end(self) -> None:
         if self.shown:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._write("\n")
             self.shown = False
+
+    def _write(self, text: str) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            # Nobody reads it any more (`2>&1 | head`): the batch goes on without progress lines.
+            self.stream = None
 
 
 def run(config: ReporterConfig, stop: StopFlag) -> int:
@@ -126,7 +134,7 @@ def _print_report(snapshot: dict, config: ReporterConfig) -> None:
     try:
         sys.stdout.write(report(snapshot) + "\n")
         sys.stdout.flush()
-    except (BrokenPipeError, AttributeError):
+    except (OSError, ValueError, AttributeError):
         pass  # nobody reads it (`| head`, or stdout closed): not a failure of ours
     if config.report_json:
         with open(config.report_json, "wb") as f:

@@ -66,3 +66,23 @@ def test_a_worker_that_refused_jobs_says_so_in_the_pool_table():
     rows = {line.split()[0]: line for line in report(m.snapshot()).splitlines() if line.strip().startswith(("right", "wrong"))}
     assert rows["wrong-2"].endswith("live, refused 5 (outside its folders)")
     assert "refused" not in rows["right-1"]
+
+
+def test_progress_to_a_pipe_nobody_reads_any_more_stops_quietly():
+    import os
+
+    from reporter.subscriber import ProgressPrinter
+
+    # `imgbus ... 2>&1 | head -1`: the reader is gone after the first line.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = open(write_end, "w")
+    printer = ProgressPrinter(stream)
+    printer.show("[1/9] first")    # would raise BrokenPipeError and end the reporter
+    printer.finish("[9/9] done")
+    printer.end()
+    assert printer.stream is None
+    try:
+        stream.close()
+    except BrokenPipeError:
+        pass  # its buffer still held the line it could not write
