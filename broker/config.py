@@ -109,6 +109,13 @@ class JsonLinesLog:
     def __init__(self, path: str):
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         self.cut = False  # the last line was cut short (disk full): end it before the next
+        # A process forked from this one (the launcher's components) keeps logs of its own.
+        os.register_at_fork(after_in_child=self._close_in_child)
+
+    def _close_in_child(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1  # a late record fails quietly, as on a full disk
 
     def write(self, message) -> None:
         from broker import wire

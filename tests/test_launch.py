@@ -381,6 +381,9 @@ def main(argv):
         stop = StopFlag().install()
         print("stopped by", stop.signal_name, stop.count)
         return 0
+    launcher_logs = [fd for fd in os.listdir("/proc/self/fd")
+                     if os.path.realpath(f"/proc/self/fd/{fd}").endswith(f"launch-{os.getppid()}.jsonl")]
+    print("launcher's log open in child:", len(launcher_logs))
     comm = open("/proc/self/comm").read().strip()
     handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)]
     print("child", comm, os.getsid(0) == os.getpid(), signal.set_wakeup_fd(-1),
@@ -399,6 +402,7 @@ import launch
 from broker import config
 
 stop = config.StopFlag().install(wake_on_child_exit=True)
+config.setup_logging("launch", sys.argv[2])
 print("launcher text, still buffered (stdout is a pipe)")
 for how in ["0", "3", "usage", "crash"]:
     child = launch.start_component("probe", [how], stop)
@@ -429,6 +433,9 @@ def test_components_start_as_forks_that_keep_nothing_of_the_launcher(tmp_path):
         ["0", "0"], ["3", "3"], ["usage", "2"], ["crash", "1"], ["signalled", "0"]]
     # A stop signal sent before the component has its handlers waits for them.
     assert "stopped by SIGINT 1" in out
+    # The launcher's log file is the launcher's alone.
+    assert len(list(tmp_path.glob("launch-*.jsonl"))) == 1
+    assert [line for line in out if line.startswith("launcher's log")] == ["launcher's log open in child: 0"] * 4
     assert "RuntimeError: probe crashed" in proc.stderr
 
 
