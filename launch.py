@@ -207,7 +207,8 @@ class Launcher:
             crashed = code > 0 or code in CRASH_SIGNALS
             from loguru import logger
 
-            if code != 0 and not asked_to_stop and self.broker.poll() is None:
+            if code != 0 and self.broker.poll() is None:
+                # Also while stopping: the broker waits for the images in flight.
                 self.tell_broker_worker_gone(worker.pid, code)
             if crashed and not asked_to_stop and self.respawns_left > 0 and self.broker.poll() is None:
                 self.respawns_left -= 1

@@ -181,6 +181,30 @@ def test_a_killed_worker_is_written_off_at_once_under_the_launcher(tmp_path):
     assert "stopped responding" not in broker_log
 
 
+def test_a_worker_killed_after_ctrl_c_is_written_off_at_once_too(tmp_path):
+    src = photos(tmp_path, 12, 2400, 1800)
+    proc = launch_async(src, "-o", tmp_path / "out", "--workers", "2", "--format", "png", "--quality", "100",
+                        "--report-json", tmp_path / "r.json", "--results-jsonl", tmp_path / "res.jsonl",
+                        "--log-dir", tmp_path / "logs")
+    try:
+        wait_for_results(proc, tmp_path / "res.jsonl")
+        victim = components_of(proc, "sidecar")[0]
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    broker_log = logs_of(tmp_path, "broker")
+    gone = f"{socket.gethostname()}-{victim}"
+    # Not "stopped responding" 5 s later: the stop waited for nothing.
+    assert (f"worker {gone} left: its process killed by SIGKILL" in broker_log
+            or f"worker {gone} left: stopping" in broker_log), broker_log
+    assert "stopped responding" not in broker_log
+
+
 def test_killed_reporter_is_replaced_and_the_batch_goes_on(tmp_path):
     src = photos(tmp_path, 16, 1600, 1200)
     proc = launch_async(src, "-o", tmp_path / "out", "--workers", "2", "--format", "png", "--quality", "100",
