@@ -236,7 +236,7 @@ def _tell_stop(stop: StopFlag, busy: Busy, told: int) -> int:
     if told == 0:
         logger.warning("stop signal: finishing job {} (running {:.1f} s) first; a second signal drops it",
                        job_id, busy_s)
-    if count >= 2:
+    if count >= 2 and told < 2:  # once: the launcher may send more
         logger.warning("second stop signal: dropping job {} unwritten", job_id)
     return count
 

@@ -63,6 +63,29 @@ def test_a_busy_workers_heartbeat_counts_the_stop_signal_and_says_so():
         logger.remove(sink)
 
 
+def test_each_meaning_of_the_stop_signals_is_said_once():
+    said = []
+    sink = logger.add(said.append, format="{message}")
+    busy = Busy()
+    busy.job = ("j8", time.monotonic())
+    stop, signal_w, finish = run_heartbeat(busy)
+    try:
+        # The user's two, then the launcher's two when it drops the images in hand.
+        for _ in range(4):
+            os.write(signal_w, bytes([signal.SIGTERM]))
+            time.sleep(0.15)
+        deadline = time.monotonic() + 3
+        while stop.count < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert sum("finishing job j8" in line for line in said) == 1
+        assert sum("dropping job j8 unwritten" in line for line in said) == 1
+    finally:
+        finish()
+        logger.remove(sink)
+
+
 class Monitor:
     """Stands in for the jobs socket's monitor: says when the connection dropped."""
 
