@@ -283,8 +283,11 @@ def start_component(module: str, argv: list[str], stop: common.StopFlag) -> Chil
         _forget_launcher(stop)
         _name_process(f"imgbus-{module}")
         code = importlib.import_module(f"{module}.cli").main(argv)
-    except SystemExit as exc:  # usage errors
-        code = exc.code if isinstance(exc.code, int) else 1
+    except SystemExit as exc:  # usage errors (argparse's 2), or sys.exit() as python would take it
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
     finally:

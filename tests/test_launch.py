@@ -392,6 +392,10 @@ def main(argv):
         raise SystemExit(2)
     if argv[0] == "crash":
         raise RuntimeError("probe crashed")
+    if argv[0] == "bare-exit":
+        sys.exit()
+    if argv[0] == "exit-text":
+        sys.exit("probe gave up")
     return int(argv[0])
 '''
 
@@ -404,7 +408,7 @@ from broker import config
 stop = config.StopFlag().install(wake_on_child_exit=True)
 config.setup_logging("launch", sys.argv[2])
 print("launcher text, still buffered (stdout is a pipe)")
-for how in ["0", "3", "usage", "crash"]:
+for how in ["0", "3", "usage", "crash", "bare-exit", "exit-text"]:
     child = launch.start_component("probe", [how], stop)
     print("exit", how, child.wait(30), flush=True)
 child = launch.start_component("probe", ["signalled"], stop)
@@ -427,15 +431,18 @@ def test_components_start_as_forks_that_keep_nothing_of_the_launcher(tmp_path):
     # Each child: named for ps, a session of its own (Ctrl-C reaches only the
     # launcher), none of the launcher's signal handlers or wakeup fd.
     children = [line for line in out if line.startswith("child")]
-    assert children == [f"child imgbus-probe True -1 True {how}" for how in ["0", "3", "usage", "crash"]]
+    hows = ["0", "3", "usage", "crash", "bare-exit", "exit-text"]
+    assert children == [f"child imgbus-probe True -1 True {how}" for how in hows]
     # Its exit status is main()'s; bad usage is 2 as with python -m; a crash is 1 with its traceback.
-    assert [line.split()[-2:] for line in out if "exit" in line] == [
-        ["0", "0"], ["3", "3"], ["usage", "2"], ["crash", "1"], ["signalled", "0"]]
+    assert [line.split()[-2:] for line in out if line.startswith("exit ")] == [
+        ["0", "0"], ["3", "3"], ["usage", "2"], ["crash", "1"], ["bare-exit", "0"], ["exit-text", "1"],
+        ["signalled", "0"]]
+    assert "probe gave up" in proc.stderr
     # A stop signal sent before the component has its handlers waits for them.
     assert "stopped by SIGINT 1" in out
     # The launcher's log file is the launcher's alone.
     assert len(list(tmp_path.glob("launch-*.jsonl"))) == 1
-    assert [line for line in out if line.startswith("launcher's log")] == ["launcher's log open in child: 0"] * 4
+    assert [line for line in out if line.startswith("launcher's log")] == ["launcher's log open in child: 0"] * 6
     assert "RuntimeError: probe crashed" in proc.stderr
 
 
