@@ -156,21 +156,30 @@ def test_all_workers_killed_under_the_launcher_ends_with_an_error(tmp_path):
     assert components_of(proc) == []
 
 
-def test_a_killed_worker_is_written_off_at_once_under_the_launcher(tmp_path):
-    """The launcher sees the exit: it tells the broker, which need not wait
-    for the heartbeats to stop before the worker's jobs go to the others."""
-    src = photos(tmp_path, 12, 2400, 1800)
+def kill_a_worker_mid_batch(tmp_path, src, ctrl_c_first: bool = False):
+    """A PNG batch with one sidecar killed once a result is in (just after a
+    Ctrl-C to the launcher, if asked); (launcher, stdout, stderr, victim's pid)."""
     proc = launch_async(src, "-o", tmp_path / "out", "--workers", "2", "--format", "png", "--quality", "100",
                         "--report-json", tmp_path / "r.json", "--results-jsonl", tmp_path / "res.jsonl",
                         "--log-dir", tmp_path / "logs")
     try:
         wait_for_results(proc, tmp_path / "res.jsonl")
         victim = components_of(proc, "sidecar")[0]
+        if ctrl_c_first:
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
         os.kill(victim, signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc, stdout, stderr, victim
+
+
+def test_a_killed_worker_is_written_off_at_once_under_the_launcher(tmp_path):
+    """The launcher sees the exit: it tells the broker, which need not wait
+    for the heartbeats to stop before the worker's jobs go to the others."""
+    proc, stdout, stderr, victim = kill_a_worker_mid_batch(tmp_path, photos(tmp_path, 12, 2400, 1800))
     assert proc.returncode == 0, stderr
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["tasks"]["completed"] == 12 and r["tasks"]["failed"] == 0
@@ -182,20 +191,8 @@ def test_a_killed_worker_is_written_off_at_once_under_the_launcher(tmp_path):
 
 
 def test_a_worker_killed_after_ctrl_c_is_written_off_at_once_too(tmp_path):
-    src = photos(tmp_path, 8, 5000, 4000)  # seconds each: the victim is still on its image when killed
-    proc = launch_async(src, "-o", tmp_path / "out", "--workers", "2", "--format", "png", "--quality", "100",
-                        "--report-json", tmp_path / "r.json", "--results-jsonl", tmp_path / "res.jsonl",
-                        "--log-dir", tmp_path / "logs")
-    try:
-        wait_for_results(proc, tmp_path / "res.jsonl")
-        victim = components_of(proc, "sidecar")[0]
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.05)
-        os.kill(victim, signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # Seconds an image: the victim is still on its image when killed.
+    proc, _, stderr, victim = kill_a_worker_mid_batch(tmp_path, photos(tmp_path, 8, 5000, 4000), ctrl_c_first=True)
     assert proc.returncode == 130, stderr
     broker_log = logs_of(tmp_path, "broker")
     gone = f"{socket.gethostname()}-{victim}"
