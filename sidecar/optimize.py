@@ -111,12 +111,12 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
              max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = 0, tag: str = "imgbus",
              input_roots: tuple[str, ...] | None = None,
              output_roots: tuple[str, ...] | None = None, abandon=lambda: False,
-             writing=contextlib.nullcontext, staged: bool = True) -> Outcome:
+             writing=contextlib.nullcontext(), staged: bool = True) -> Outcome:
     """Optimize ``input_path`` into ``output_path``; raise ImageError on failure.
 
     With roots given, the input must lie under an input root and the output
     under an output root (after resolving links), whatever the job says.
-    The output is written inside ``writing()`` (see worker.Busy.writing).
+    The output is written holding ``writing`` (see worker.Busy.writing).
     ``staged``: see optimize_bytes.
     """
     start = time.perf_counter()
@@ -137,7 +137,7 @@ def optimize(input_path: str, output_path: str, settings: Settings, *,
     if staged:
         outcome.timings["decode"] += read_s
     clock = time.perf_counter()
-    with writing():
+    with writing:
         if abandon():
             raise Abandoned("the batch was stopped before this image was written")
         try:

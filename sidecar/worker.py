@@ -110,7 +110,9 @@ class Busy:
 
     def __init__(self):
         self.job: tuple[str, float] | None = None  # (job id, start), replaced atomically
-        self._writing = threading.Lock()
+        # Held by the main thread while it writes an output; taken for good by
+        # the watchdog when it gives up on the job (see give_up).
+        self.writing = threading.Lock()
 
     def seconds(self) -> tuple[str | None, float]:
         current = self.job
@@ -118,28 +120,21 @@ class Busy:
             return None, 0.0
         return current[0], time.monotonic() - current[1]
 
-    @contextlib.contextmanager
-    def writing(self):
-        """Held by the main thread while it writes an output (blocks for good
-        once the watchdog has given up on the job)."""
-        with self._writing:
-            yield
-
     def give_up(self, job_id: str) -> bool:
         """For the watchdog: True if ``job_id`` is still running and its output
         can no longer be written; False if it is being written right now (or
         is over). A job the broker may call failed must leave no output."""
-        if not self._writing.acquire(blocking=False):
+        if not self.writing.acquire(blocking=False):
             return False
         current = self.job
         if current is None or current[0] != job_id:
-            self._writing.release()
+            self.writing.release()
             return False
         return True  # the lock stays taken: the process is about to exit
 
 
 def process(job: wire.Job, config: WorkerConfig, payload: bytes | None = None, abandon=lambda: False,
-            staged: bool = True, writing=contextlib.nullcontext):
+            staged: bool = True, writing=contextlib.nullcontext()):
     """Do one job: ``(completion, output bytes or None)``.
 
     With a payload (bytes transport) the image comes in the message and goes
@@ -457,7 +452,7 @@ def _serve(dealer, push, config: WorkerConfig, busy: Busy, stop: StopFlag, conne
         else:
             done, encoded = process(job, config, payload, staged=job.timed, writing=busy.writing,
                                     abandon=lambda: stop.count > 1 or inbox.gives_up(job.batch_id))
-        with busy.writing():  # never returns once the watchdog has given up on the job: no completion
+        with busy.writing:  # never returns once the watchdog has given up on the job: no completion
             busy.job = None
         if done is None:
             continue  # abandoned: the broker records it unfinished

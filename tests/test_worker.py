@@ -149,7 +149,7 @@ def test_a_job_the_watchdog_gave_up_on_is_never_written(tmp_path):
     # It does not give up on a job whose output is being written, or that is over.
     busy = Busy()
     busy.job = ("j2", time.monotonic())
-    with busy.writing():
+    with busy.writing:
         assert not busy.give_up("j2")
     busy.job = ("j3", time.monotonic())
     assert not busy.give_up("j2")
